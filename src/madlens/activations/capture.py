@@ -1,0 +1,289 @@
+"""Capture activations at hook points: batched, padding-aware, deterministic, cached.
+
+`extract` returns everything in memory; `stream` yields chunks read from the disk cache,
+so data larger than memory works. Both compute only what the cache lacks.
+"""
+
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from madlens.activations.positions import Encoded, check_position, encode
+from madlens.activations.store import (
+    LOGITS,
+    LOGPROBS,
+    ActivationCache,
+    Activations,
+    cache_key,
+    chunk_to_tensors,
+    data_hash,
+    iter_cached,
+)
+from madlens.errors import MadlensError
+
+Input = str | list[dict[str, str]]
+CHUNK = 512  # inputs per cache shard
+
+
+class TruncationWarning(UserWarning):
+    """An input was longer than the model's context and lost its first tokens."""
+
+
+def _select(tensor: torch.Tensor, batch: list[Encoded], offsets: list[int], position: str):
+    """Rows of one hook's `(batch, pos, ...)` output that `position` keeps, as float32."""
+    if position == "last":
+        cols = torch.tensor([off + enc.span[1] - 1 for enc, off in zip(batch, offsets)])
+        return tensor[torch.arange(len(batch)), cols].float().numpy()
+    rows = []
+    for i, (enc, off) in enumerate(zip(batch, offsets)):
+        part = tensor[i, off + enc.span[0] : off + enc.span[1]].float()
+        rows.append(part.mean(0, keepdim=True) if position == "mean" else part)
+    return torch.cat(rows).numpy()
+
+
+def _run_batch(
+    model: Any,
+    batch: list[Encoded],
+    hooks: list[str],
+    position: str,
+    padding_side: str,
+    want_logits: bool,
+    want_logprobs: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[np.ndarray] | None]:
+    width = max(len(enc.input_ids) for enc in batch)
+    pad_id = model.tokenizer.pad_token_id
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    offsets = []
+    for i, enc in enumerate(batch):
+        n = len(enc.input_ids)
+        off = width - n if padding_side == "left" else 0
+        ids[i, off : off + n] = torch.tensor(enc.input_ids)
+        mask[i, off : off + n] = 1
+        offsets.append(off)
+    captured: dict[str, np.ndarray] = {}
+
+    def make_hook(name: str):
+        def hook(tensor: torch.Tensor, hook: Any) -> None:
+            captured[name] = _select(tensor.detach(), batch, offsets, position)
+
+        return hook
+
+    need_output = want_logits or want_logprobs
+    with torch.inference_mode():
+        logits = model.bridge.run_with_hooks(
+            ids,
+            attention_mask=mask,
+            fwd_hooks=[(name, make_hook(name)) for name in hooks],
+            return_type="logits" if need_output else None,
+        )
+    final_logits = token_logprobs = None
+    if want_logits:
+        cols = torch.tensor([off + len(enc.input_ids) - 1 for enc, off in zip(batch, offsets)])
+        final_logits = logits[torch.arange(len(batch)), cols].float().numpy()
+    if want_logprobs:
+        token_logprobs = []
+        for i, (enc, off) in enumerate(zip(batch, offsets)):
+            start = 1 if position in ("last", "all") else max(1, enc.span[0])
+            end = len(enc.input_ids) if position in ("last", "all") else enc.span[1]
+            # Logits at column t predict the token at column t + 1.
+            scores = logits[i, off + start - 1 : off + end - 1].float().log_softmax(-1)
+            targets = ids[i, off + start : off + end]
+            token_logprobs.append(scores.gather(-1, targets[:, None])[:, 0].numpy())
+    return captured, final_logits, token_logprobs
+
+
+def _compute_chunk(
+    model: Any,
+    encoded: list[Encoded],
+    hooks: list[str],
+    position: str,
+    batch_size: int,
+    padding_side: str,
+    want_logits: bool,
+    want_logprobs: bool,
+    bar: Any,
+) -> Activations:
+    """Run one chunk of inputs, longest first (less padding), and restore input order."""
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
+    per_input: dict[int, tuple] = {}
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        batch = [encoded[i] for i in index]
+        acts, logits, logprobs = _run_batch(
+            model, batch, hooks, position, padding_side, want_logits, want_logprobs
+        )
+        rows = [
+            enc.span[1] - enc.span[0] if position in ("all", "response") else 1 for enc in batch
+        ]
+        bounds = np.cumsum([0, *rows])
+        for j, i in enumerate(index):
+            per_input[i] = (
+                {h: a[bounds[j] : bounds[j + 1]] for h, a in acts.items()},
+                None if logits is None else logits[j],
+                None if logprobs is None else logprobs[j],
+            )
+        bar.update(len(batch))
+    ordered = [per_input[i] for i in range(len(encoded))]
+    return Activations(
+        acts={h: np.concatenate([o[0][h] for o in ordered]) for h in hooks},
+        lengths=np.array([len(o[0][hooks[0]]) if hooks else 1 for o in ordered], dtype=np.int64),
+        position=position,
+        logits=np.stack([o[1] for o in ordered]) if want_logits else None,
+        token_logprobs=[o[2] for o in ordered] if want_logprobs else None,
+        truncated=np.array([enc.truncated for enc in encoded], dtype=bool),
+    )
+
+
+def _prepare(model: Any, inputs: Sequence[Input], hooks: Sequence[str], position: str):
+    if not inputs:
+        raise MadlensError("no inputs to extract activations from")
+    check_position(position)
+    hooks = model.check_hooks(list(hooks)) if hooks else []
+    return list(inputs), hooks
+
+
+def _encode_all(
+    model: Any, inputs: list[Input], position: str, max_length: int | None, strict: bool
+) -> list[Encoded]:
+    limit = min(max_length or model.n_ctx, model.n_ctx)
+    encoded = [encode(model.tokenizer, item, position, limit) for item in inputs]
+    cut = [i for i, enc in enumerate(encoded) if enc.truncated]
+    if cut and strict:
+        raise MadlensError(
+            f"input {cut[0]} is longer than the context ({limit} tokens); drop --strict to truncate"
+        )
+    if cut:
+        warnings.warn(
+            f"{len(cut)} input(s) longer than {limit} tokens kept only their last {limit} tokens "
+            f"(first: input {cut[0]})",
+            TruncationWarning,
+            stacklevel=3,
+        )
+    return encoded
+
+
+def stream(
+    model: Any,
+    inputs: Sequence[Input],
+    hooks: Sequence[str],
+    position: str = "last",
+    *,
+    batch_size: int = 16,
+    padding_side: str = "right",
+    logits: bool = False,
+    logprobs: bool = False,
+    max_length: int | None = None,
+    strict: bool = False,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Iterator[Activations]:
+    """Yield activations chunk by chunk (in input order) from the disk cache, computing and
+    caching first whatever is missing. Memory holds one chunk at a time."""
+    inputs, hooks = _prepare(model, inputs, hooks, position)
+    if padding_side not in ("left", "right"):
+        raise MadlensError(f"padding_side must be 'left' or 'right', not '{padding_side}'")
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    limit = min(max_length or model.n_ctx, model.n_ctx)
+    dtype = str(model.dtype).removeprefix("torch.")
+    key = cache_key(model.fingerprint, dtype, position, data_hash(inputs), limit)
+    meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype}
+    meta |= {"position": position, "n_inputs": len(inputs), "max_length": limit}
+    cache = ActivationCache(root / key, meta)
+    wanted = list(hooks) + ([LOGITS] if logits else []) + ([LOGPROBS] if logprobs else [])
+    missing = [name for name in wanted if not cache.has(name)]
+    if missing:
+        _fill(model, inputs, cache, missing, position, batch_size, padding_side, limit, strict,
+              progress)  # fmt: skip
+    yield from iter_cached(cache, list(hooks), position, logits, logprobs)
+
+
+def _fill(
+    model: Any,
+    inputs: list[Input],
+    cache: ActivationCache,
+    missing: list[str],
+    position: str,
+    batch_size: int,
+    padding_side: str,
+    limit: int,
+    strict: bool,
+    progress: bool,
+) -> None:
+    encoded = _encode_all(model, inputs, position, limit, strict)
+    hooks = [m for m in missing if m not in (LOGITS, LOGPROBS)]
+    writers = {name: cache.writer(name) for name in missing}
+    desc = f"activations ({model.name}, {position})"
+    with tqdm(total=len(inputs), desc=desc, unit="input", disable=not progress) as bar:
+        for start in range(0, len(encoded), CHUNK):
+            chunk = _compute_chunk(
+                model, encoded[start : start + CHUNK], hooks, position, batch_size,
+                padding_side, LOGITS in missing, LOGPROBS in missing, bar,
+            )  # fmt: skip
+            for name, writer in writers.items():
+                writer.write(chunk_to_tensors(chunk, name))
+    for writer in writers.values():
+        writer.close()
+
+
+def extract(
+    model: Any,
+    inputs: Sequence[Input],
+    hooks: Sequence[str],
+    position: str = "last",
+    *,
+    batch_size: int = 16,
+    padding_side: str = "right",
+    logits: bool = False,
+    logprobs: bool = False,
+    max_length: int | None = None,
+    strict: bool = False,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Activations of `inputs` (texts or chat conversations) at `hooks`.
+
+    Args:
+        model: a `madlens.models.Model`.
+        inputs: plain texts, or conversations (lists of {"role", "content"}) that go
+            through the model's chat template.
+        hooks: TransformerLens hook names, e.g. `blocks.12.hook_resid_post`.
+        position: `last`, `all`, `response` or `mean` (over the response).
+        batch_size: inputs per forward pass; results do not depend on it.
+        padding_side: `right` or `left`; results do not depend on it either.
+        logits: also return the final token's next-token logits.
+        logprobs: also return per-token log-probs over the span (all tokens for
+            `last`/`all`, the response for `response`/`mean`).
+        max_length: context limit (default: the model's); longer inputs keep their last
+            tokens with a `TruncationWarning`, or fail when `strict`.
+        cache: read/write the on-disk cache (under MADLENS_HOME, or `cache_dir`).
+    """
+    if cache:
+        parts = list(
+            stream(
+                model, inputs, hooks, position, batch_size=batch_size,
+                padding_side=padding_side, logits=logits, logprobs=logprobs,
+                max_length=max_length, strict=strict, cache_dir=cache_dir, progress=progress,
+            )
+        )  # fmt: skip
+        return Activations.concat(parts)
+    inputs, hooks = _prepare(model, inputs, hooks, position)
+    if padding_side not in ("left", "right"):
+        raise MadlensError(f"padding_side must be 'left' or 'right', not '{padding_side}'")
+    encoded = _encode_all(model, inputs, position, max_length, strict)
+    with tqdm(total=len(inputs), desc="activations", unit="input", disable=not progress) as bar:
+        return _compute_chunk(
+            model, encoded, hooks, position, batch_size, padding_side, logits, logprobs, bar
+        )
+
+
+def _default_cache_dir() -> Path:
+    from madlens.models import madlens_home
+
+    return madlens_home() / "activations"

