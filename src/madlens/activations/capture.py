@@ -26,7 +26,7 @@ from madlens.activations.store import (
 )
 from madlens.errors import MadlensError
 
-Input = str | list[dict[str, str]]
+Input = str | list[dict[str, str]] | list[int]  # text, conversation or token ids
 CHUNK = 512  # inputs per cache shard
 
 
@@ -251,8 +251,8 @@ def extract(
 
     Args:
         model: a `madlens.models.Model`.
-        inputs: plain texts, or conversations (lists of {"role", "content"}) that go
-            through the model's chat template.
+        inputs: plain texts, conversations (lists of {"role", "content"}) that go
+            through the model's chat template, or lists of token ids (packed windows).
         hooks: TransformerLens hook names, e.g. `blocks.12.hook_resid_post`.
         position: `last`, `all`, `response` or `mean` (over the response).
         batch_size: inputs per forward pass; results do not depend on it.

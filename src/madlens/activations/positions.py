@@ -31,14 +31,21 @@ def check_position(position: str) -> str:
 
 
 def encode(
-    tokenizer: Any, item: str | list[dict[str, str]], position: str, max_length: int
+    tokenizer: Any, item: str | list[dict[str, str]] | list[int], position: str, max_length: int
 ) -> Encoded:
-    """Tokenise one text or conversation and locate the span `position` selects.
+    """Tokenise one text or conversation (token-id lists pass through as they are) and
+    locate the span `position` selects.
 
     Inputs longer than `max_length` keep their last `max_length` tokens, so the final
     (prompt) token, which detectors read most, is never the one cut.
     """
     char_span = None
+    if isinstance(item, list) and item and all(isinstance(t, int) for t in item):
+        if position in ("response", "mean"):
+            raise MadlensError(f"position '{position}' needs conversations, not token ids")
+        ids = item[-max_length:]
+        span = (len(ids) - 1, len(ids)) if position == "last" else (0, len(ids))
+        return Encoded(list(ids), span, truncated=len(item) > max_length)
     if isinstance(item, str):
         if position in ("response", "mean"):
             raise MadlensError(
