@@ -11,7 +11,7 @@ from madlens.models.hooks import (
     resid_pre,
     residual_hooks,
 )
-from madlens.models.loading import Model, load_model, resolve_dtype
+from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
 from madlens.models.registry import DEFAULT_MODEL, KNOWN_MODELS, ModelInfo, known_model_names
 from madlens.models.smollm2 import madlens_home
 
@@ -24,6 +24,7 @@ __all__ = [
     "check_hooks",
     "generate",
     "known_model_names",
+    "load_hf",
     "load_model",
     "madlens_home",
     "mlp_out",

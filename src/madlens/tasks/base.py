@@ -1,0 +1,84 @@
+"""`Task`: a model spec (base + optional LoRA adapter), trusted data, optional unlabeled
+untrusted data, and test data labeled normal (0) / anomalous (1)."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from madlens.errors import MadlensError
+
+Input = str | list[dict[str, str]]
+
+
+class TaskCheckError(MadlensError):
+    """A task whose planted behaviour did not take: its AUROC would mean nothing."""
+
+
+@dataclass
+class Task:
+    """One anomaly-detection problem.
+
+    `position` says which tokens' activations detectors read (`last` prompt token, or
+    `mean` / `response` over the answer). `groups` names each test example's kind (e.g.
+    `normal`, `gcg`, `roleplay`) so results can be broken down. `checks` holds the task's
+    own measurements (backdoor success rate, ...) and `targets` the published or issue
+    targets the report shows beside what was measured.
+    """
+
+    name: str
+    model: str
+    trusted: list[Input]
+    test: list[Input]
+    labels: np.ndarray
+    adapter: str | None = None
+    untrusted: list[Input] | None = None
+    position: str = "last"
+    groups: list[str] | None = None
+    checks: dict[str, float] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.labels) != len(self.test):
+            raise MadlensError(
+                f"task {self.name}: {len(self.test)} test inputs, {len(self.labels)} labels"
+            )
+        if not self.trusted:
+            raise MadlensError(f"task {self.name}: no trusted data")
+        if set(np.unique(self.labels)) != {0, 1}:
+            raise MadlensError(
+                f"task {self.name}: the test split needs both normal (0) and anomalous (1) examples"
+            )
+        if self.groups is None:
+            self.groups = ["normal" if y == 0 else "anomalous" for y in self.labels]
+
+    def subset(self, group: str) -> "Task":
+        """The task restricted to normal test examples plus anomalous ones of `group`."""
+        keep = [i for i, g in enumerate(self.groups) if self.labels[i] == 0 or g == group]
+        return Task(
+            name=f"{self.name}/{group}", model=self.model, adapter=self.adapter,
+            trusted=self.trusted, test=[self.test[i] for i in keep], labels=self.labels[keep],
+            untrusted=self.untrusted, position=self.position,
+            groups=[self.groups[i] for i in keep], checks=self.checks, targets=self.targets,
+            description=self.description,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its builder `build(model, quick, seed, progress) -> Task`."""
+
+    name: str
+    description: str
+    build: Callable[..., Task]
+    needs_finetune: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def require(name: str, condition: bool, message: str) -> None:
+    """Fail the task with a clear message when its planted behaviour did not take."""
+    if not condition:
+        raise TaskCheckError(f"task {name}: {message}")
