@@ -142,6 +142,48 @@ def _lengths(arrays: list) -> "object":
     return np.array([len(a) for a in arrays], dtype=np.int64)
 
 
+@app.command()
+def bench(
+    tasks: Annotated[str | None, typer.Option(help="comma-separated task names (default all)")] = (
+        None
+    ),
+    detectors: Annotated[str | None, typer.Option(help="comma-separated detector names")] = None,
+    hooks: Annotated[
+        str | None, typer.Option(help="comma-separated hooks (default: 5 layers across depth)")
+    ] = None,
+    model: Annotated[str, typer.Option(help="model name, HF id or local dir")] = (
+        "smollm2-135m-instruct"
+    ),
+    task_file: Annotated[Path | None, typer.Option(help="custom task JSONL")] = None,
+    quick: Annotated[bool, typer.Option(help="shrink data and fine-tune budgets")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("runs/bench"),
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "bfloat16",
+) -> None:
+    """Build the tasks, run every detector on them, write results.json and report.html."""
+    from madlens.bench import format_table, run_bench
+    from madlens.models import load_model, parse_hooks
+
+    start = time.perf_counter()
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    if task_file is not None and task_list is None:
+        task_list = []
+    detector_list = [d.strip() for d in detectors.split(",") if d.strip()] if detectors else None
+    hook_list = None
+    if hooks:
+        hook_list = parse_hooks(hooks, load_model(model, dtype=dtype).n_layers)
+    doc, results = run_bench(
+        task_list, detector_list, hook_list, model, task_file, quick, out, seed, True, dtype
+    )
+    typer.echo(format_table(doc, results))
+    for result in results:
+        if result.task.checks:
+            checks = ", ".join(f"{k} {v:.2f}" for k, v in result.task.checks.items())
+            typer.echo(f"{result.task.name} checks: {checks}")
+    typer.echo(f"\nreport: {out / 'report.html'}  results: {out / 'results.json'}  "
+               f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+
+
 DEMO_QUESTIONS = [
     "What is the capital of France?",
     "How many legs does a spider have?",

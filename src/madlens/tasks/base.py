@@ -24,7 +24,9 @@ class Task:
     `mean` / `response` over the answer). `groups` names each test example's kind (e.g.
     `normal`, `gcg`, `roleplay`) so results can be broken down. `checks` holds the task's
     own measurements (backdoor success rate, ...) and `targets` the published or issue
-    targets the report shows beside what was measured.
+    targets the report shows beside what was measured: `{"text", "detector", "min_auroc"}`,
+    judged on the detector's multi-hook aggregate (`best-label-free`: the best unsupervised
+    detector's).
     """
 
     name: str
@@ -37,7 +39,7 @@ class Task:
     position: str = "last"
     groups: list[str] | None = None
     checks: dict[str, float] = field(default_factory=dict)
-    targets: list[str] = field(default_factory=list)
+    targets: list[dict] = field(default_factory=list)
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -78,7 +80,8 @@ class TaskSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def require(name: str, condition: bool, message: str) -> None:
-    """Fail the task with a clear message when its planted behaviour did not take."""
-    if not condition:
+def require(name: str, condition: bool, message: str, enforce: bool = True) -> None:
+    """Fail the task with a clear message when its planted behaviour did not take
+    (`enforce=False` only records it: for tests on a random tiny model)."""
+    if enforce and not condition:
         raise TaskCheckError(f"task {name}: {message}")

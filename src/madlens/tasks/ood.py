@@ -13,7 +13,9 @@ from madlens.data.generators import (
 from madlens.tasks.base import Task
 
 
-def build_ood(model: str, quick: bool = True, seed: int = 0, progress: bool = True) -> Task:
+def build_ood(
+    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True
+) -> Task:
     """No fine-tune: the base model, last prompt token."""
     n_trusted, n_group = (128, 24) if quick else (400, 60)
     questions = english_questions(n_trusted + n_group * 2, seed)

