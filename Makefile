@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/madlens demo
+	$(BIN)/madlens bench --quick --out runs/demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

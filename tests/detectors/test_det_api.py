@@ -1,0 +1,314 @@
+"""The shared detector API: registry, estimator conventions, save/load, hooks, input checks."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import madlens.detectors as D
+from madlens.errors import MadlensError
+
+EXPECTED_NAMES = {
+    "mahalanobis",
+    "knn",
+    "que",
+    "spectral",
+    "lof",
+    "isolation-forest",
+    "pca-residual",
+    "defection-probe",
+    "mass-mean-probe-skyline",
+    "logistic-probe-skyline",
+    "msp",
+    "max-logit",
+    "energy",
+    "entropy",
+    "perplexity",
+    "windowed-perplexity",
+}
+HOOKS = ("blocks.0.hook_resid_post", "blocks.2.hook_mlp_out")
+
+
+def _acts(seed, n, d=8, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(n, d)) * scale + 1.0).astype(np.float32)
+
+
+def _fit_inputs(name, untrusted_n, multi=False):
+    """What the bench would pass: labels for skylines, contrast pairs for the defection probe."""
+    cls = D.DETECTORS[name]
+    inputs = {}
+    if "labels" in cls.fit_requires:
+        inputs["labels"] = np.arange(untrusted_n) % 2
+    if "contrast" in cls.fit_requires:
+        pos, neg = _acts(90, 4) + 1.0, _acts(91, 4)
+        if multi:
+            pos, neg = {h: pos for h in HOOKS}, {h: neg for h in HOOKS}
+        inputs["contrast"] = D.ContrastPairs(positive=pos, negative=neg)
+    return inputs
+
+
+def _fitted(name, multi=False):
+    trusted, untrusted, test = _acts(0, 300), _acts(1, 60), _acts(2, 40)
+    cls = D.DETECTORS[name]
+    if cls.input_kind == "outputs":
+        rng = np.random.default_rng(3)
+        stats = D.OutputStats(
+            logits=rng.normal(size=(40, 20)).astype(np.float32),
+            token_logprobs=[-rng.exponential(size=rng.integers(1, 30)) for _ in range(40)],
+        )
+        return D.get_detector(name).fit(stats), stats
+    if multi:
+        trusted = {HOOKS[0]: trusted, HOOKS[1]: trusted * 10}
+        untrusted = {HOOKS[0]: untrusted, HOOKS[1]: untrusted * 10}
+        test = {HOOKS[0]: test, HOOKS[1]: test * 10 + 1}
+    det = D.get_detector(name).fit(trusted, untrusted, **_fit_inputs(name, 60, multi))
+    return det, test
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def test_registry_names():
+    assert set(D.DETECTORS) == EXPECTED_NAMES
+    for name, cls in D.DETECTORS.items():
+        assert cls.name == name
+        assert name == name.lower() and " " not in name and "_" not in name
+        # supervised detectors, and only they, say so in their name
+        assert cls.supervised == ("skyline" in name)
+        assert cls.supervised == ("labels" in cls.fit_requires)
+        assert cls.input_kind in ("activations", "outputs")
+
+
+def test_get_detector_passes_params_and_rejects_unknowns():
+    det = D.get_detector("knn", k=3)
+    assert isinstance(det, D.KNN) and det.k == 3
+    with pytest.raises(MadlensError, match="unknown detector"):
+        D.get_detector("nope")
+    with pytest.raises(MadlensError, match="bad parameters"):
+        D.get_detector("knn", kk=3)
+
+
+# --- estimator conventions ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_NAMES))
+def test_params_in_init_state_after_fit(name):
+    det = D.get_detector(name)
+    params = det.get_params()
+    assert not det.is_fitted
+    assert not [k for k in vars(det) if k.endswith("_")]  # nothing learned before fit
+    assert type(det)(**params).get_params() == params
+    assert repr(det).startswith(type(det).__name__ + "(")
+    fitted, _ = _fitted(name)
+    assert fitted.is_fitted
+    assert fitted.get_params() == params  # fit does not touch parameters
+
+
+def test_fit_returns_self_and_score_before_fit_fails():
+    det = D.Mahalanobis()
+    with pytest.raises(MadlensError, match="not fitted"):
+        det.score(_acts(0, 5))
+    assert det.fit(_acts(0, 50)) is det
+
+
+# --- save / load --------------------------------------------------------------------------------
+
+
+SAVE_CASES = [(name, False) for name in sorted(EXPECTED_NAMES)] + [
+    (name, True) for name in sorted(EXPECTED_NAMES) if D.DETECTORS[name].input_kind == "activations"
+]
+
+
+@pytest.mark.parametrize("name, multi", SAVE_CASES)
+def test_save_load_gives_the_same_scores(name, multi, tmp_path):
+    det, test = _fitted(name, multi)
+    det.save(tmp_path / "det")
+    assert sorted(p.name for p in (tmp_path / "det").iterdir()) == [
+        "detector.json",
+        "state.safetensors",
+    ]
+    config = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert config["detector"] == name and config["params"] == det.get_params()
+    loaded = D.load_detector(tmp_path / "det")
+    assert type(loaded) is type(det) and loaded.get_params() == det.get_params()
+    np.testing.assert_array_equal(loaded.score(test), det.score(test))
+
+
+def test_load_checks_the_class_and_the_folder(tmp_path):
+    det, _ = _fitted("knn")
+    det.save(tmp_path / "knn")
+    assert isinstance(D.KNN.load(tmp_path / "knn"), D.KNN)
+    with pytest.raises(MadlensError, match="not a Mahalanobis"):
+        D.Mahalanobis.load(tmp_path / "knn")
+    with pytest.raises(MadlensError, match="no saved detector"):
+        D.load_detector(tmp_path / "missing")
+    with pytest.raises(MadlensError, match="not fitted"):
+        D.KNN().save(tmp_path / "unfitted")
+
+
+# --- multiple hooks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "max"])
+def test_multi_hook_score_is_aggregated_z_score(aggregation):
+    trusted = {HOOKS[0]: _acts(0, 400), HOOKS[1]: _acts(1, 400, scale=50.0)}
+    test = {HOOKS[0]: _acts(2, 30), HOOKS[1]: _acts(3, 30, scale=60.0)}
+    det = D.Mahalanobis(aggregation=aggregation).fit(trusted)
+    z = []
+    for hook in HOOKS:
+        single = D.Mahalanobis().fit(trusted[hook])
+        reference = single.score(trusted[hook])
+        z.append((single.score(test[hook]) - reference.mean()) / reference.std())
+    expected = np.max(z, 0) if aggregation == "max" else np.mean(z, 0)
+    np.testing.assert_allclose(det.score(test), expected, rtol=1e-6)
+    per_hook = det.score_per_hook(test)
+    assert list(per_hook) == list(HOOKS)
+    np.testing.assert_allclose(per_hook[HOOKS[1]], z[1], rtol=1e-6)
+
+
+def test_multi_hook_knn_z_scores_trusted_without_self_matches():
+    trusted = {HOOKS[0]: _acts(0, 200), HOOKS[1]: _acts(1, 200)}
+    det = D.KNN(k=5).fit(trusted)
+    single = D.KNN(k=6).fit(trusted[HOOKS[0]])
+    leave_one_out = single.score(trusted[HOOKS[0]])  # 6th neighbour incl. itself = 5th other
+    assert det.hook_loc_[0] == pytest.approx(leave_one_out.mean(), rel=1e-5)
+
+
+def test_multi_hook_stream_matches_dict_fit():
+    trusted = {HOOKS[0]: _acts(0, 500), HOOKS[1]: _acts(1, 500, scale=3.0)}
+    test = {HOOKS[0]: _acts(2, 30), HOOKS[1]: _acts(3, 30)}
+    whole = D.Mahalanobis().fit(trusted).score(test)
+    batches = ({h: x[i : i + 64] for h, x in trusted.items()} for i in range(0, 500, 64))
+    streamed = D.Mahalanobis().fit(batches).score(test)
+    np.testing.assert_allclose(streamed, whole, rtol=1e-5, atol=1e-5)  # float32 Gram per batch
+
+
+def test_multi_hook_input_errors():
+    trusted = {HOOKS[0]: _acts(0, 100), HOOKS[1]: _acts(1, 100)}
+    det = D.Mahalanobis().fit(trusted)
+    with pytest.raises(MadlensError, match="lacks hooks"):
+        det.score({HOOKS[0]: _acts(2, 5)})
+    with pytest.raises(MadlensError, match="dict"):
+        det.score(_acts(2, 5))
+    with pytest.raises(MadlensError, match="different numbers"):
+        D.Mahalanobis().fit({HOOKS[0]: _acts(0, 100), HOOKS[1]: _acts(1, 99)})
+    with pytest.raises(MadlensError, match="untrusted has hooks"):
+        D.QUE().fit(trusted, {HOOKS[0]: _acts(0, 50)})
+    with pytest.raises(MadlensError, match="one array"):
+        D.Mahalanobis().fit(_acts(0, 100)).score(trusted)
+    with pytest.raises(MadlensError, match="aggregation"):
+        D.Mahalanobis(aggregation="median").fit(trusted)
+
+
+# --- inputs -------------------------------------------------------------------------------------
+
+
+def test_input_checks():
+    det = D.Mahalanobis().fit(_acts(0, 100))
+    with pytest.raises(MadlensError, match="features"):
+        det.score(_acts(1, 5, d=9))
+    with pytest.raises(MadlensError, match="n x d"):
+        det.score(np.ones(8))
+    bad = _acts(2, 100)
+    bad[3, 2] = np.nan
+    with pytest.raises(MadlensError, match="NaN"):
+        D.Mahalanobis().fit(bad)
+    with pytest.raises(MadlensError, match="NaN"):
+        D.KNN().fit(bad)
+    with pytest.raises(MadlensError, match="empty"):
+        D.KNN().fit(np.zeros((0, 4)))
+
+
+def test_float16_and_torch_inputs_give_the_same_scores():
+    trusted, test = _acts(0, 300), _acts(1, 20)
+    reference = D.KNN(k=5).fit(trusted.astype(np.float16).astype(np.float32)).score(test)
+    np.testing.assert_allclose(
+        D.KNN(k=5).fit(trusted.astype(np.float16)).score(test), reference, rtol=1e-5
+    )
+    from_torch = D.KNN(k=5).fit(torch.from_numpy(trusted).to(torch.float16)).score(test)
+    np.testing.assert_allclose(from_torch, reference, rtol=1e-5)
+    np.testing.assert_allclose(
+        D.Mahalanobis().fit(torch.from_numpy(trusted)).score(torch.from_numpy(test)),
+        D.Mahalanobis().fit(trusted).score(test),
+    )
+
+
+def test_required_fit_inputs():
+    trusted, untrusted = _acts(0, 100), _acts(1, 20)
+    with pytest.raises(MadlensError, match="untrusted"):
+        D.QUE().fit(trusted)
+    with pytest.raises(MadlensError, match="untrusted"):
+        D.SpectralSignature().fit(trusted)
+    with pytest.raises(MadlensError, match="labels"):
+        D.LogisticProbe().fit(trusted, untrusted)
+    with pytest.raises(MadlensError, match="contrast"):
+        D.DefectionProbe().fit(trusted)
+    with pytest.raises(MadlensError, match="does not take labels"):
+        D.Mahalanobis().fit(trusted, labels=np.zeros(20))
+    with pytest.raises(MadlensError, match="20 labels"):
+        D.MassMeanProbe().fit(trusted, _acts(1, 30), labels=np.zeros(20))
+    with pytest.raises(MadlensError, match="both"):
+        D.MassMeanProbe().fit(trusted, untrusted, labels=np.zeros(20))
+    with pytest.raises(MadlensError, match="stream"):
+        D.KNN().fit(iter([trusted]))
+    with pytest.raises(MadlensError, match="no batches"):
+        D.Mahalanobis().fit(iter([]))
+
+
+def test_parameter_checks():
+    trusted = _acts(0, 100)
+    with pytest.raises(MadlensError, match="shrinkage"):
+        D.Mahalanobis(shrinkage=2.0).fit(trusted)
+    with pytest.raises(MadlensError, match="shrinkage"):
+        D.Mahalanobis(shrinkage="oas").fit(trusted)
+    with pytest.raises(MadlensError, match="exceeds"):
+        D.KNN(k=101).fit(trusted)
+    with pytest.raises(MadlensError, match="n_components"):
+        D.PCAResidual(n_components=8).fit(trusted)
+    with pytest.raises(MadlensError, match="n_components"):
+        D.PCAResidual(n_components=1.5).fit(trusted)
+    with pytest.raises(MadlensError, match="temperature"):
+        D.Energy(temperature=0).score(np.ones((2, 3)))
+
+
+# --- output statistics --------------------------------------------------------------------------
+
+
+def test_output_stats_validation():
+    with pytest.raises(MadlensError, match="needs logits"):
+        D.OutputStats()
+    with pytest.raises(MadlensError, match="vocab"):
+        D.OutputStats(logits=np.ones(5))
+    with pytest.raises(MadlensError, match="token_logprobs"):
+        D.OutputStats(logits=np.ones((3, 4)), token_logprobs=[np.zeros(2)] * 2)
+    stats = D.OutputStats(token_logprobs=[[-1.0, -2.0]])
+    with pytest.raises(MadlensError, match="OutputStats.logits"):
+        D.MSP().score(stats)
+    with pytest.raises(MadlensError, match="no scored tokens"):
+        D.Perplexity().score(D.OutputStats(token_logprobs=[np.zeros(0)]))
+    with pytest.raises(MadlensError, match="<= 0"):
+        D.Perplexity().score(D.OutputStats(token_logprobs=[np.array([0.5])]))
+    with pytest.raises(MadlensError, match="activations per hook"):
+        D.MSP().score({"hook": np.ones((2, 3))})
+    with pytest.raises(MadlensError, match="NaN"):
+        D.Entropy().score(np.array([[0.0, 1.0], [np.nan, 1.0]]))
+
+
+def test_output_detectors_take_bare_arrays_and_torch():
+    logits = np.random.default_rng(0).normal(size=(6, 11)).astype(np.float32)
+    expected = D.MSP().score(D.OutputStats(logits=logits))
+    np.testing.assert_array_equal(D.MSP().score(logits), expected)
+    np.testing.assert_allclose(D.MSP().score(torch.from_numpy(logits)), expected)
+    assert D.Perplexity().score([np.array([-1.0, -3.0])])[0] == pytest.approx(2.0)
+
+
+def test_perplexity_and_windowed_perplexity_by_hand():
+    nll = np.array([1.0] * 10 + [5.0] * 10 + [2.0] * 4)  # 24 tokens: windows [0,10) [10,24)
+    stats = D.OutputStats(token_logprobs=[-nll, -nll[:7]])
+    assert D.Perplexity().score(stats) == pytest.approx([nll.mean(), 1.0])
+    windowed = D.WindowedPerplexity(window=10).score(stats)
+    # the 4-token tail is merged into the second window; a 7-token span is one window
+    assert windowed == pytest.approx([(50 + 8) / 14, 1.0])
+    assert D.WindowedPerplexity(window=4).score(stats)[0] == pytest.approx(5.0)
