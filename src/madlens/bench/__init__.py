@@ -3,6 +3,7 @@
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from madlens.bench.runner import (
     run_task,
 )
 from madlens.errors import MadlensError
-from madlens.tasks import TASKS, Task, build_task, load_task_file
+from madlens.tasks import TASKS, Task, TaskCheckError, build_task, load_task_file
 
 
 def run_bench(
@@ -31,7 +32,10 @@ def run_bench(
     progress: bool = True,
     dtype: str = "bfloat16",
 ) -> tuple[dict[str, Any], list[TaskResult]]:
-    """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`."""
+    """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`.
+
+    A task whose planted behaviour did not take is left out (with a warning) and listed
+    under `failed_tasks`; the caller decides whether that is an error."""
     detectors = detectors or default_detectors()
     if task_file is not None:
         chosen: list[Task | str] = [load_task_file(task_file, model)]
@@ -42,11 +46,20 @@ def run_bench(
         if isinstance(name, str) and name not in TASKS:
             raise MadlensError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
     n_resamples = 200 if quick else 1000
-    results = []
+    results, failed = [], {}
     for item in chosen:
-        task = item if isinstance(item, Task) else build_task(item, model, quick, seed, progress)
+        try:
+            task = (
+                item if isinstance(item, Task) else build_task(item, model, quick, seed, progress)
+            )
+        except TaskCheckError as exc:
+            # The planted behaviour did not take: no AUROC for this task, but the others run.
+            failed[str(item)] = str(exc)
+            warnings.warn(str(exc), stacklevel=2)
+            continue
         results.append(run_task(task, detectors, hooks, seed, n_resamples, progress, dtype))
     doc = results_json(model, results)
+    doc["failed_tasks"] = failed
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,9 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
            f"<style>{CSS}</style></head><body>",
            f"<h1>madlens bench</h1><p class='muted'>model {_esc(doc['model'])} · madlens "
            f"{_esc(doc['madlens_version'])} · {_esc(doc['created'])}</p>"]  # fmt: skip
+    for name, message in doc.get("failed_tasks", {}).items():
+        out.append(f"<p class='fail' id='failed-{_esc(name)}'>{_esc(message)}: no AUROC is "
+                   "reported for this task.</p>")  # fmt: skip
     out.append(
         "<h2>Headline: AUROC by task and detector</h2><p class='muted'>Activation "
         "detectors on the multi-hook aggregate (mean of per-hook z-scored scores), output "

@@ -25,6 +25,9 @@ def ioi(
     threshold: Annotated[
         float, typer.Option(min=0.0, help="smallest |normalised effect| a head needs")
     ] = 0.03,
+    min_attention: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="attention a head needs on its key token")
+    ] = 0.1,
     max_heads: Annotated[
         int | None, typer.Option(min=1, help="circuit size cap (default: 10% of heads)")
     ] = None,
@@ -44,8 +47,8 @@ def ioi(
     start = time.perf_counter()
     lm = load_model(model, dtype=dtype)
     result = discover_ioi(
-        lm, n_prompts=n_prompts, seed=seed, threshold=threshold, max_heads=max_heads,
-        batch_size=batch_size, cache=cache,
+        lm, n_prompts=n_prompts, seed=seed, threshold=threshold, min_attention=min_attention,
+        max_heads=max_heads, batch_size=batch_size, cache=cache,
     )  # fmt: skip
     paths = write_outputs(result, out)
     total = result.n_layers * result.n_heads

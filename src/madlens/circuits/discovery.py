@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 CLASSES = (
     "name_mover",
     "negative_name_mover",
+    "s_suppression",
     "s_inhibition",
     "induction",
     "duplicate_token",
@@ -33,6 +34,7 @@ EDGES = (
     ("s_inhibition", "negative_name_mover", "q"),
     ("name_mover", "logits", "out"),
     ("negative_name_mover", "logits", "out"),
+    ("s_suppression", "logits", "out"),
 )
 # What Wang et al. (2022) found in GPT-2 small (12 layers x 12 heads) for each class.
 PAPER = {
@@ -43,6 +45,11 @@ PAPER = {
     "negative_name_mover": {
         "role": "attend to the indirect object but write against it (hedging)",
         "gpt2": [[10, 7], [11, 10]],
+    },
+    "s_suppression": {
+        "role": "not in the paper's circuit: attend from END to S2 and write against S "
+        "(copy suppression of the subject), a direct effect on the logits",
+        "gpt2": [],
     },
     "s_inhibition": {
         "role": "attend from END to S2 and steer the name movers' queries away from S",
@@ -65,6 +72,7 @@ PAPER = {
 SIGNATURES = {
     "name_mover": ("END", "IO"),
     "negative_name_mover": ("END", "IO"),
+    "s_suppression": ("END", "S2"),
     "s_inhibition": ("END", "S2"),
     "induction": ("S2", "S1+1"),
     "duplicate_token": ("S2", "S1"),
@@ -107,6 +115,7 @@ class IOICircuit:
     incompleteness: dict[str, float]
     threshold: float
     max_heads: int
+    min_attention: float = 0.1
     maps: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     position_labels: list[str] = field(default_factory=lambda: list(POSITION_NAMES))
     example: dict = field(repr=False, default_factory=dict)
@@ -151,7 +160,9 @@ class IOICircuit:
                 else round(
                     sum((layer + 0.5) / self.n_layers for layer, _ in found) / len(found), 2
                 ),
-                "paper_relative_depth": round(
+                "paper_relative_depth": None
+                if not paper_heads
+                else round(
                     sum((layer + 0.5) / 12 for layer, _ in paper_heads) / len(paper_heads), 2
                 ),
                 "paper_gpt2_heads": paper_heads,
@@ -187,6 +198,7 @@ class IOICircuit:
             "target": {"max_fraction_of_heads": 0.1, "min_faithfulness": 0.8},
             "meets_target": self.meets_target(),
             "threshold": self.threshold,
+            "min_attention": self.min_attention,
             "max_heads": self.max_heads,
             "paper_comparison": self.paper_comparison(),
         }
@@ -259,6 +271,7 @@ def discover_ioi(
     n_prompts: int = 50,
     seed: int = 0,
     threshold: float = 0.03,
+    min_attention: float = 0.1,
     max_heads: int | None = None,
     batch_size: int = 512,
     cache: bool = True,
@@ -267,15 +280,22 @@ def discover_ioi(
 ) -> IOICircuit:
     """Find the IOI circuit of `model` (a `madlens.models.Model`) automatically.
 
+    Every class is defined by an effect (normalised metric - 1, at least `threshold` in
+    size) and by the attention the IOI paper describes for it (at least `min_attention` on
+    the expected key, more than on the alternatives):
+
     1. Name movers: heads whose direct effect (path patching head -> logits, ABC into clean)
-       lowers the metric by at least `threshold` and that attend from END more to IO than
-       to S; negative name movers raise it by `threshold` with the same attention.
+       lowers the metric and that attend from END more to IO than to S1 and S2 together;
+       negative name movers raise it with the same attention. Heads with such a direct
+       effect that attend from END more to S2 than to IO suppress the subject instead
+       (`s_suppression`, a class GPT-2 small's circuit does not have).
     2. S-inhibition heads: path patching every earlier head -> the name movers' queries;
        heads that lower the metric and attend from END more to S2 than to IO.
     3. Induction and duplicate-token heads: path patching -> the S-inhibition heads' values;
-       induction if it attends from S2 more to S1+1 than to S1, else duplicate-token.
-    4. Previous-token heads: path patching -> the induction heads' keys; heads that put more
-       than 0.1 of their attention from S1+1 on S1.
+       induction if it attends from S2 more to S1+1 than to S1, duplicate-token if the
+       other way round.
+    4. Previous-token heads: path patching -> the induction heads' keys; heads that attend
+       from S1+1 to S1.
     Classes keep their strongest heads until the circuit holds `max_heads` (default 10% of
     all heads). Then every head outside the circuit is mean-ablated over the ABC prompts of
     its template to measure faithfulness, and the circuit is knocked out for completeness.
@@ -325,11 +345,22 @@ def discover_ioi(
         return maps[f"attention {query}->{key}"]
 
     direct = maps["direct effect"] - 1
-    to_io = att("END", "IO") > att("END", "S1") + att("END", "S2")
+
+    def attends(query: str, key: str, *others: str) -> torch.Tensor:
+        """At least `min_attention` from query to key, and more than to the `others`."""
+        ok = att(query, key) >= min_attention
+        for other in others:
+            ok &= att(query, key) > att(query, other)
+        return ok
+
+    to_io = attends("END", "IO") & (att("END", "IO") > att("END", "S1") + att("END", "S2"))
     heads["name_mover"] = _select(direct, to_io, threshold, taken)
     taken |= {h for h, _ in heads["name_mover"]}
     heads["negative_name_mover"] = _select(direct, to_io, threshold, taken, negative=False)
     taken |= {h for h, _ in heads["negative_name_mover"]}
+    to_s2 = attends("END", "S2", "IO")
+    heads["s_suppression"] = _select(direct, to_s2, threshold, taken)
+    taken |= {h for h, _ in heads["s_suppression"]}
 
     def scan(name: str, receivers: list[Head], receiver_input: str) -> torch.Tensor:
         if not receivers:
@@ -343,22 +374,23 @@ def discover_ioi(
 
     movers = [h for h, _ in heads["name_mover"]]
     maps["path -> name mover q"] = scan("path to name mover queries", movers, "q")
-    to_s2 = att("END", "S2") > att("END", "IO")
     heads["s_inhibition"] = _select(maps["path -> name mover q"] - 1, to_s2, threshold, taken)
     taken |= {h for h, _ in heads["s_inhibition"]}
 
     inhibitors = [h for h, _ in heads["s_inhibition"]]
     maps["path -> s-inhibition v"] = scan("path to s-inhibition values", inhibitors, "v")
-    anything = torch.ones(n_layers, n_heads, dtype=torch.bool)
-    both = _select(maps["path -> s-inhibition v"] - 1, anything, threshold, taken)
-    induction_like = att("S2", "S1+1") > att("S2", "S1")
+    induction_like = attends("S2", "S1+1", "S1")
+    duplicate_like = attends("S2", "S1") & ~induction_like
+    both = _select(
+        maps["path -> s-inhibition v"] - 1, induction_like | duplicate_like, threshold, taken
+    )
     heads["induction"] = [(h, e) for h, e in both if induction_like[h]]
-    heads["duplicate_token"] = [(h, e) for h, e in both if not induction_like[h]]
+    heads["duplicate_token"] = [(h, e) for h, e in both if duplicate_like[h]]
     taken |= {h for h, _ in both}
 
     inductors = [h for h, _ in heads["induction"]]
     maps["path -> induction k"] = scan("path to induction keys", inductors, "k")
-    previous_like = att("S1+1", "S1") > 0.1
+    previous_like = attends("S1+1", "S1")
     heads["previous_token"] = _select(
         maps["path -> induction k"] - 1, previous_like, threshold, taken
     )
@@ -408,6 +440,7 @@ def discover_ioi(
         incompleteness=incompleteness,
         threshold=threshold,
         max_heads=max_heads,
+        min_attention=min_attention,
         maps=maps,
         example=_example_dict(example, data, model.tokenizer, chosen),
     )

@@ -12,6 +12,7 @@ from madlens.circuits.discovery import CLASSES, IOICircuit
 CLASS_COLOURS = {
     "name_mover": "#1b9e77",
     "negative_name_mover": "#d95f02",
+    "s_suppression": "#a6761d",
     "s_inhibition": "#7570b3",
     "induction": "#e7298a",
     "duplicate_token": "#66a61e",
@@ -26,6 +27,7 @@ LAYOUT = {
     "s_inhibition": (2, 0),
     "name_mover": (3, 0),
     "negative_name_mover": (3, 1),
+    "s_suppression": (3, 2),
     "logits": (4, 0),
 }
 EFFECT_MAPS = [
@@ -118,14 +120,16 @@ def heatmap(
     marked: dict[tuple[int, int], str] | None = None,
     keyed: bool = True,
     cell: int = 14,
+    cell_w: int | None = None,
 ) -> str:
     """One titled SVG heatmap. `kind="effect"` shows `value - 1` (patching maps normalised to
     clean = 1) on a diverging scale; `"attention"` shows values in [0, 1]. Cells of
     `marked` heads get a border in their class colour; every cell has a tooltip."""
     values = values.float()
     rows, cols = values.shape
-    left, top = 34, 22
-    width, height = left + cols * cell + 4, top + rows * cell + 4
+    cw = cell_w or cell
+    left, top = max(34, 6 * max(len(label) for label in row_labels) + 8), 22
+    width, height = left + cols * cw + 4, top + rows * cell + 4
     finite = values[~torch.isnan(values)]
     scale = float((finite - 1).abs().max()) if kind == "effect" and len(finite) else 1.0
     parts = [
@@ -135,7 +139,7 @@ def heatmap(
     ]
     step = max(1, cols // 12)
     for j in range(0, cols, step):
-        x = left + j * cell + cell / 2
+        x = left + j * cw + cw / 2
         parts.append(
             f'<text x="{x}" y="{top - 6}" font-size="9" text-anchor="middle">'
             f"{html.escape(col_labels[j])}</text>"
@@ -153,13 +157,13 @@ def heatmap(
             key = f' data-key="{i}.{j}"' if keyed else ""
             shown = "n/a" if v != v else f"{v:.3f}"
             parts.append(
-                f'<rect class="cell"{key} x="{left + j * cell}" y="{y}" width="{cell}" '
+                f'<rect class="cell"{key} x="{left + j * cw}" y="{y}" width="{cw}" '
                 f'height="{cell}" fill="{colour}"><title>{html.escape(row_labels[i])} '
                 f"{html.escape(col_labels[j])}: {shown}</title></rect>"
             )
     for (i, j), klass in (marked or {}).items():
         parts.append(
-            f'<rect x="{left + j * cell + 1}" y="{top + i * cell + 1}" width="{cell - 2}" '
+            f'<rect x="{left + j * cw + 1}" y="{top + i * cell + 1}" width="{cw - 2}" '
             f'height="{cell - 2}" fill="none" stroke="{CLASS_COLOURS.get(klass, "#000")}" '
             f'stroke-width="2"/>'
         )
@@ -180,7 +184,7 @@ def diagram(result: IOICircuit) -> str:
     edges labelled with the receiver input)."""
     box_w, box_h, gap_x, gap_y = 170, 74, 60, 30
     width = 5 * box_w + 4 * gap_x + 20
-    height = 2 * box_h + gap_y + 40
+    height = 3 * box_h + 2 * gap_y + 40
     centre = {}
     parts = [
         f'<svg class="diagram" xmlns="http://www.w3.org/2000/svg" width="{width}" '
@@ -294,7 +298,9 @@ def render_report(result: IOICircuit) -> str:
         if key in result.maps
     )
     by_position = "".join(
-        heatmap(result.maps[key], title, row_labels=layers, col_labels=result.position_labels)
+        heatmap(
+            result.maps[key], title, row_labels=layers, col_labels=result.position_labels, cell_w=36
+        )  # fmt: skip
         for key, title in POSITION_MAPS
         if key in result.maps
     )
@@ -314,8 +320,8 @@ def render_report(result: IOICircuit) -> str:
         f"<td>{html.escape(row['role'])}</td><td>{html.escape(row['expected_attention'])}</td>"
         f"<td>{'—' if row['mean_attention'] is None else row['mean_attention']}</td>"
         f"<td>{'—' if row['relative_depth'] is None else row['relative_depth']}</td>"
-        f"<td>{row['paper_relative_depth']}</td>"
-        f"<td>{html.escape(_names(row['paper_gpt2_heads']))}</td></tr>"
+        f"<td>{'—' if row['paper_relative_depth'] is None else row['paper_relative_depth']}</td>"
+        f"<td>{html.escape(_names(row['paper_gpt2_heads']) or '—')}</td></tr>"
         for row in doc["paper_comparison"]
     )  # fmt: skip
     prompt = html.escape(example.get("prompt", ""))
