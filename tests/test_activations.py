@@ -210,3 +210,18 @@ def test_bfloat16_is_close_to_float32(tiny):
     b = extract(bf, TEXTS, HOOKS, cache=False, progress=False)[HOOKS[1]]
     assert b.dtype == np.float32
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+def test_prompt_logprobs_cover_the_users_text_only(tiny, tiny_hf):
+    conv = [{"role": "user", "content": "Tell me a joke"}]
+    acts = extract(tiny, [conv], [], "last", cache=False, progress=False, logprobs=True)
+    # byte-level tokenizer: one log-prob per byte of the user's message, not of the template
+    assert len(acts.token_logprobs[0]) == len("Tell me a joke")
+    text = format_chat(tiny.tokenizer, conv)
+    ids = tiny.tokenizer(text, return_tensors="pt").input_ids
+    start = text.index("Tell me a joke")  # bytes == chars here
+    with torch.no_grad():
+        logits = tiny_hf(ids).logits[0]
+    expected = torch.log_softmax(logits[start - 1 : start + 13], -1)
+    expected = expected.gather(-1, ids[0, start : start + 14, None])[:, 0]
+    np.testing.assert_allclose(acts.token_logprobs[0], expected, atol=1e-5)

@@ -185,6 +185,28 @@ def test_multi_hook_stream_matches_dict_fit():
     np.testing.assert_allclose(streamed, whole, rtol=1e-5, atol=1e-5)  # float32 Gram per batch
 
 
+def test_large_trusted_sets_z_score_on_a_sample():
+    from madlens.detectors.base import ZSCORE_MAX_ROWS, _Reservoir
+
+    n = 3 * ZSCORE_MAX_ROWS
+    trusted = {HOOKS[0]: _acts(0, n), HOOKS[1]: _acts(1, n, scale=4.0)}
+    det = D.Mahalanobis().fit(trusted)
+    for i, hook in enumerate(HOOKS):
+        all_scores = det.per_hook_[hook].score(trusted[hook])
+        assert det.hook_loc_[i] == pytest.approx(all_scores.mean(), rel=0.05)
+        assert det.hook_scale_[i] == pytest.approx(all_scores.std(), rel=0.1)
+
+    # the streaming path samples uniformly, keeping rows aligned across hooks
+    reservoir = _Reservoir(ZSCORE_MAX_ROWS)
+    index = np.arange(n, dtype=np.float64)[:, None]
+    for start in range(0, n, 700):
+        reservoir.add({h: index[start : start + 700] + k for k, h in enumerate(HOOKS)})
+    kept = reservoir.rows[HOOKS[0]][:, 0]
+    assert len(kept) == ZSCORE_MAX_ROWS and len(set(kept)) == ZSCORE_MAX_ROWS
+    np.testing.assert_array_equal(reservoir.rows[HOOKS[1]][:, 0], kept + 1)
+    assert kept.mean() == pytest.approx(n / 2, rel=0.05)
+
+
 def test_multi_hook_input_errors():
     trusted = {HOOKS[0]: _acts(0, 100), HOOKS[1]: _acts(1, 100)}
     det = D.Mahalanobis().fit(trusted)

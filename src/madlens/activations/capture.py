@@ -89,8 +89,7 @@ def _run_batch(
     if want_logprobs:
         token_logprobs = []
         for i, (enc, off) in enumerate(zip(batch, offsets)):
-            start = 1 if position in ("last", "all") else max(1, enc.span[0])
-            end = len(enc.input_ids) if position in ("last", "all") else enc.span[1]
+            start, end = enc.scored
             # Logits at column t predict the token at column t + 1.
             scores = logits[i, off + start - 1 : off + end - 1].float().log_softmax(-1)
             targets = ids[i, off + start : off + end]
@@ -258,8 +257,8 @@ def extract(
         batch_size: inputs per forward pass; results do not depend on it.
         padding_side: `right` or `left`; results do not depend on it either.
         logits: also return the final token's next-token logits.
-        logprobs: also return per-token log-probs over the span (all tokens for
-            `last`/`all`, the response for `response`/`mean`).
+        logprobs: also return per-token log-probs: over a conversation's last message
+            (the prompt, or the response), or over every token of a plain text.
         max_length: context limit (default: the model's); longer inputs keep their last
             tokens with a `TruncationWarning`, or fail when `strict`.
         cache: read/write the on-disk cache (under MADLENS_HOME, or `cache_dir`).

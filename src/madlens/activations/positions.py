@@ -21,6 +21,7 @@ class Encoded:
     input_ids: list[int]
     span: tuple[int, int]
     truncated: bool
+    scored: tuple[int, int] | None = None  # tokens whose log-probs are returned
 
 
 def check_position(position: str) -> str:
@@ -45,7 +46,7 @@ def encode(
             raise MadlensError(f"position '{position}' needs conversations, not token ids")
         ids = item[-max_length:]
         span = (len(ids) - 1, len(ids)) if position == "last" else (0, len(ids))
-        return Encoded(list(ids), span, truncated=len(item) > max_length)
+        return Encoded(list(ids), span, len(item) > max_length, (1, len(ids)))
     if isinstance(item, str):
         if position in ("response", "mean"):
             raise MadlensError(
@@ -61,25 +62,41 @@ def encode(
         char_span = (start, end)
     else:
         text = format_chat(tokenizer, item)
-    encoding = tokenizer(text, return_offsets_mapping=char_span is not None)
+    # A conversation's log-probs cover its last message's text (the user's prompt, or the
+    # answer): the chat template around it is the same for every input.
+    message_span = None
+    if not isinstance(item, str):
+        content = item[-1]["content"]
+        start = text.rfind(content) if content else -1
+        message_span = (start, start + len(content)) if start >= 0 else None
+    encoding = tokenizer(text, return_offsets_mapping=True)
     ids = list(encoding["input_ids"])
     if not ids:
         raise MadlensError("an input is empty after tokenisation")
-    if char_span is None:
-        span = (len(ids) - 1, len(ids)) if position == "last" else (0, len(ids))
-    else:
+
+    def tokens_in(chars: tuple[int, int]) -> tuple[int, int] | None:
         inside = [
             i
             for i, (a, b) in enumerate(encoding["offset_mapping"])
-            if b > char_span[0] and a < char_span[1]
+            if b > chars[0] and a < chars[1]
         ]
-        if not inside:
+        return (inside[0], inside[-1] + 1) if inside else None
+
+    if char_span is None:
+        span = (len(ids) - 1, len(ids)) if position == "last" else (0, len(ids))
+    else:
+        span = tokens_in(char_span)
+        if span is None:
             raise MadlensError(f"position '{position}': the assistant response is empty")
-        span = (inside[0], inside[-1] + 1)
+    scored = (1, len(ids))
+    if message_span is not None:
+        found = tokens_in(message_span)
+        scored = (max(1, found[0]), found[1]) if found else scored
     cut = max(0, len(ids) - max_length)
     if cut:
         ids = ids[cut:]
         span = (max(0, span[0] - cut), span[1] - cut)
+        scored = (max(1, scored[0] - cut), max(1, scored[1] - cut))
         if span[1] <= 0:
             raise MadlensError(f"position '{position}': the span was cut away by truncation")
-    return Encoded(ids, span, truncated=cut > 0)
+    return Encoded(ids, span, truncated=cut > 0, scored=scored)

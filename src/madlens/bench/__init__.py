@@ -12,7 +12,7 @@ from madlens.bench.runner import (
     TaskResult,
     default_detectors,
     default_hooks,
-    multi_hook_name,
+    headline_hook,
     results_json,
     run_task,
 )
@@ -76,12 +76,7 @@ def _json_default(x: Any) -> Any:
 
 def format_table(doc: dict[str, Any], results: list[TaskResult]) -> str:
     """The terminal table: headline rows (multi-hook aggregate and output detectors)."""
-    multi = {}
-    for res in results:
-        hooks = sorted(
-            {h for _, h in res.scores if h not in ("output", "black-box") and "+" not in h}
-        )
-        multi[res.task.name] = multi_hook_name(hooks) if len(hooks) > 1 else (hooks or [""])[0]
+    multi = {res.task.name: headline_hook(res) for res in results}
     lines = [f"{'task':<28}{'detector':<26}{'hook':<14}{'AUROC':>7}  {'95% CI':<13}{'AP':>6}"
              f"{'FPR@95':>8}"]  # fmt: skip
     lines.append("-" * len(lines[0]))

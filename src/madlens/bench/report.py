@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from madlens.bench.runner import TaskResult, multi_hook_name
+from madlens.bench.runner import TaskResult, headline_hook
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 CSS = """
@@ -166,10 +166,8 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
     task_names = list(dict.fromkeys(r["task"] for r in rows))
     multi = {}
     for res in results:
-        hooks = sorted({h for d, h in res.scores if h not in ("output", "black-box")})
-        singles = [h for h in hooks if "+" not in h]
         for name in [res.task.name] + [t for t in task_names if t.startswith(res.task.name + "/")]:
-            multi[name] = multi_hook_name(singles) if len(singles) > 1 else (singles or [""])[0]
+            multi[name] = headline_hook(res)
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>madlens bench</title>"
            f"<style>{CSS}</style></head><body>",
            f"<h1>madlens bench</h1><p class='muted'>model {_esc(doc['model'])} · madlens "

@@ -58,6 +58,13 @@ def multi_hook_name(hooks: list[str]) -> str:
     return "+".join(hooks)
 
 
+def headline_hook(result: "TaskResult") -> str:
+    """The hook a task's headline uses: its multi-hook aggregate, or its only hook."""
+    hooks = [h for _, h in result.scores if h not in ("output", "black-box")]
+    multi = [h for h in hooks if "+" in h]
+    return multi[0] if multi else (hooks or [""])[0]
+
+
 def _contrast(model: Any, hooks: list[str], progress: bool) -> ContrastPairs:
     def conv(question: str, answer: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -36,8 +36,8 @@ def ioi(
 ) -> None:
     """Find and measure a model's indirect-object-identification circuit automatically.
 
-    Writes OUT/circuit.json (heads by class, logit differences, faithfulness, completeness)
-    and OUT/report.html (patching heatmaps, circuit diagram, attention patterns)."""
+    Writes OUT/circuit.json (heads by class, faithfulness, completeness) and OUT/report.html.
+    """
     import time
 
     from madlens.circuits.discovery import discover_ioi

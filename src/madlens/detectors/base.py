@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 
 # Multi-hook z-scoring statistics come from at most this many trusted examples (a seeded
 # random subset), so that an expensive score (kNN over 100k vectors) stays cheap at fit time.
-ZSCORE_MAX_ROWS = 10_000
+ZSCORE_MAX_ROWS = 2_000
 _AGGREGATIONS = ("mean", "max")
 
 
