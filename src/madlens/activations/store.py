@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 LOGITS = "output.logits"
 LOGPROBS = "output.token_logprobs"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a conversation's log-probs cover its last message only
 
 
 @dataclass
