@@ -17,9 +17,10 @@ QUERY_BLOCK = 1024
 TRUSTED_BLOCK = 16384
 
 
-def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
+def _normalize(x: np.ndarray, inplace: bool = False) -> np.ndarray:
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    np.maximum(norms, 1e-12, out=norms)
+    return np.divide(x, norms, out=x if inplace else None)
 
 
 class KNN(ActivationDetector):
@@ -33,7 +34,8 @@ class KNN(ActivationDetector):
 
     Parameters: `k` (default 50, as pytorch-ood); `normalize` (True: cosine geometry, the
     distance between L2-normalised vectors; False: plain Euclidean); `aggregation`.
-    Learned: `bank_`, the (normalised) trusted activations as float32, and `half_sq_norms_`.
+    Learned: `bank_`, the (normalised) trusted activations as float32, and, without
+    normalisation, `half_sq_norms_` (|b|^2 / 2).
     The work is (n_test x n_trusted x d) multiply-adds in float32 on all CPU threads.
     """
 
@@ -49,11 +51,12 @@ class KNN(ActivationDetector):
             raise MadlensError(f"k must be a positive int, got {self.k!r}")
         if self.k > len(trusted):
             raise MadlensError(f"k={self.k} exceeds the {len(trusted)} trusted examples")
-        bank = trusted.astype(np.float32)  # a copy: the bank must not alias the caller's array
+        bank = np.array(trusted, dtype=np.float32, order="C")  # a copy, never the caller's
         if self.normalize:
-            bank = _normalize(bank)
+            _normalize(bank, inplace=True)
+        else:
+            self.half_sq_norms_ = 0.5 * np.einsum("ij,ij->i", bank, bank, dtype=np.float64)
         self.bank_ = bank
-        self.half_sq_norms_ = 0.5 * np.einsum("ij,ij->i", bank, bank, dtype=np.float64)
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         return self._kth_distance(x, self.k)
