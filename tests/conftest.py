@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 
 from madlens.models import load_model
@@ -21,3 +23,21 @@ def tiny_hf():
     from madlens.models.tiny import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """Run `madlens ARGS...` in-process; returns (exit code, stdout, stderr)."""
+    from madlens.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["madlens", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -1,33 +1,20 @@
 import json
-import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from madlens.activations import extract
-from madlens.cli import main
 from madlens.data import write_jsonl
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["madlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_extract_writes_what_the_library_returns(tiny, tmp_path, monkeypatch, capsys):
+def test_extract_writes_what_the_library_returns(tiny, tmp_path, run_cli):
     data = write_jsonl(
         tmp_path / "in.jsonl",
         [{"text": "hello there"}, {"messages": [{"role": "user", "content": "Hi?"}]}],
     )
     code, out, err = run_cli(
-        monkeypatch, capsys, "extract", "--model", "tiny-test", "--data", str(data),
+        "extract", "--model", "tiny-test", "--data", str(data),
         "--hooks", "0,blocks.1.hook_resid_post", "--positions", "last,all", "--logits",
         "--out", str(tmp_path / "out"), "--no-cache",
     )  # fmt: skip
@@ -53,25 +40,25 @@ def test_extract_writes_what_the_library_returns(tiny, tmp_path, monkeypatch, ca
         ('{"text": "' + "a " * 400 + '"}\n', ["--strict"], "longer than the context"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, content, args, message):
+def test_bad_input_is_one_line(tmp_path, run_cli, content, args, message):
     data = tmp_path / "in.jsonl"
     data.write_text(content)
     base = ["extract", "--model", "tiny-test", "--data", str(data), "--out", str(tmp_path / "o")]
-    code, out, err = run_cli(monkeypatch, capsys, *base, "--no-cache", *args)
+    code, out, err = run_cli(*base, "--no-cache", *args)
     assert code == 2
     assert message in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_truncation_is_a_one_line_warning(tmp_path, monkeypatch, capsys):
+def test_truncation_is_a_one_line_warning(tmp_path, run_cli):
     data = tmp_path / "in.jsonl"
     data.write_text('{"text": "' + "a " * 400 + '"}\n')
     args = ["extract", "--model", "tiny-test", "--data", str(data), "--out", str(tmp_path / "o")]
-    code, out, err = run_cli(monkeypatch, capsys, *args, "--no-cache")
+    code, out, err = run_cli(*args, "--no-cache")
     assert code == 0
     assert "warning: 1 input(s) longer than 256 tokens" in err
 
 
-def test_models_list(monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "models", "list")
+def test_models_list(run_cli):
+    code, out, _ = run_cli("models", "list")
     assert code == 0 and "smollm2-135m-instruct" in out and "tiny-test" in out

@@ -1,24 +1,10 @@
 import json
-import sys
-
-from madlens.cli import main
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["madlens", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_circuits_ioi_on_tiny_test_writes_json_and_report(tmp_path, monkeypatch, capsys):
+def test_circuits_ioi_on_tiny_test_writes_json_and_report(tmp_path, run_cli):
     out = tmp_path / "ioi"
     code, stdout, stderr = run_cli(
-        monkeypatch, capsys, "circuits", "ioi", "--model", "tiny-test", "--out", str(out),
+        "circuits", "ioi", "--model", "tiny-test", "--out", str(out),
         "--n-prompts", "6", "--dtype", "float32", "--no-cache",
     )  # fmt: skip
     assert code == 0, stderr
@@ -31,10 +17,8 @@ def test_circuits_ioi_on_tiny_test_writes_json_and_report(tmp_path, monkeypatch,
     assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
 
 
-def test_circuits_ioi_bad_model_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
-    code, _, stderr = run_cli(
-        monkeypatch, capsys, "circuits", "ioi", "--model", "no-such-model", "--out", str(tmp_path)
-    )
+def test_circuits_ioi_bad_model_is_one_line_and_exit_code_2(tmp_path, run_cli):
+    code, _, stderr = run_cli("circuits", "ioi", "--model", "no-such-model", "--out", str(tmp_path))
     assert code == 2
     assert stderr.strip().startswith("error: unknown model 'no-such-model'")
     assert len(stderr.strip().splitlines()) == 1
