@@ -229,7 +229,9 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
             out.append(f"<tr><td class='l'>{_esc(key)}</td><td>{_fmt(float(value))}</td></tr>")
         out.append("</table>")
     headline = [r for r in rows if r["task"] == task.name and r["hook"] in (multi_hook, "output")]
-    best = sorted(headline, key=lambda r: -r["auroc"] if math.isfinite(r["auroc"]) else 1)[:4]
+    # The plots show the best label-free detectors; skylines stay in the tables.
+    label_free = [r for r in headline if "skyline" not in r["detector"]]
+    best = sorted(label_free, key=lambda r: -r["auroc"] if math.isfinite(r["auroc"]) else 1)[:4]
     curves = [
         (f"{r['detector']} {r['auroc']:.2f}", task.labels, res.scores[(r["detector"], r["hook"])])
         for r in best
