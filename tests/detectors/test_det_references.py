@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 from sklearn.covariance import LedoitWolf
