@@ -16,7 +16,7 @@ def test_extract_writes_what_the_library_returns(tiny, tmp_path, run_cli):
     code, out, err = run_cli(
         "extract", "--model", "tiny-test", "--data", str(data),
         "--hooks", "0,blocks.1.hook_resid_post", "--positions", "last,all", "--logits",
-        "--out", str(tmp_path / "out"), "--no-cache",
+        "--logprobs", "--out", str(tmp_path / "out"), "--no-cache",
     )  # fmt: skip
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -27,6 +27,9 @@ def test_extract_writes_what_the_library_returns(tiny, tmp_path, run_cli):
     np.testing.assert_allclose(saved["acts"], expected["blocks.1.hook_resid_post"], atol=1e-6)
     outputs = load_file(str(tmp_path / "out" / "all" / "outputs.safetensors"))
     assert outputs["logits"].shape == (2, tiny.hf_model.config.vocab_size)
+    expected = extract(tiny, inputs, [], "all", logprobs=True, cache=False).token_logprobs
+    assert outputs["token_logprobs_lengths"].tolist() == [len(x) for x in expected]
+    np.testing.assert_allclose(outputs["token_logprobs"], np.concatenate(expected), atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,7 @@ def extract(
 
     from madlens.activations import extract as run_extract
     from madlens.activations.positions import check_position
+    from madlens.activations.store import LOGPROBS, chunk_to_tensors
     from madlens.data import read_inputs
     from madlens.models import load_model, parse_hooks
 
@@ -123,25 +124,14 @@ def extract(
             if logits:
                 outputs["logits"] = acts.logits
             if logprobs:
-                outputs["token_logprobs"] = _concat(acts.token_logprobs)
-                outputs["token_logprobs_lengths"] = _lengths(acts.token_logprobs)
+                packed = chunk_to_tensors(acts, LOGPROBS)
+                outputs["token_logprobs"] = packed["values"]
+                outputs["token_logprobs_lengths"] = packed["lengths"]
             save_file(outputs, str(folder / "outputs.safetensors"))
         typer.echo(
             f"{position}: {len(hook_list)} hook(s), {int(acts.lengths.sum())} rows -> {folder}"
         )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-
-
-def _concat(arrays: list) -> "object":
-    import numpy as np
-
-    return np.concatenate(arrays).astype(np.float32)
-
-
-def _lengths(arrays: list) -> "object":
-    import numpy as np
-
-    return np.array([len(a) for a in arrays], dtype=np.int64)
 
 
 @app.command()
@@ -151,7 +141,11 @@ def bench(
     ),
     detectors: Annotated[str | None, typer.Option(help="comma-separated detector names")] = None,
     hooks: Annotated[
-        str | None, typer.Option(help="comma-separated hooks (default: 5 layers across depth)")
+        str | None,
+        typer.Option(
+            help="comma-separated hooks; integers mean resid_post layers "
+            "(default: 5 layers across depth)"
+        ),  # fmt: skip
     ] = None,
     model: Annotated[str, typer.Option(help="model name, HF id or local dir")] = (
         "smollm2-135m-instruct"
@@ -164,16 +158,13 @@ def bench(
 ) -> None:
     """Build the tasks, run every detector on them, write results.json and report.html."""
     from madlens.bench import format_table, run_bench
-    from madlens.models import load_model, parse_hooks
 
     start = time.perf_counter()
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if task_file is not None and task_list is None:
         task_list = []
     detector_list = [d.strip() for d in detectors.split(",") if d.strip()] if detectors else None
-    hook_list = None
-    if hooks:
-        hook_list = parse_hooks(hooks, load_model(model, dtype=dtype).n_layers)
+    hook_list = [h.strip() for h in hooks.split(",") if h.strip()] if hooks else None
     doc, results = run_bench(
         task_list, detector_list, hook_list, model, task_file, quick, out, seed, True, dtype
     )

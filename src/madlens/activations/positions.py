@@ -21,7 +21,7 @@ class Encoded:
     input_ids: list[int]
     span: tuple[int, int]
     truncated: bool
-    scored: tuple[int, int] | None = None  # tokens whose log-probs are returned
+    scored: tuple[int, int]  # the tokens whose log-probs are returned
 
 
 def check_position(position: str) -> str:

@@ -15,7 +15,7 @@ from madlens.activations import extract
 from madlens.detectors import DETECTORS, ContrastPairs, OutputStats, get_detector
 from madlens.errors import MadlensError
 from madlens.metrics import evaluate
-from madlens.models import load_model, resid_post
+from madlens.models import load_model, parse_hooks, resid_post
 from madlens.tasks import Task
 
 # Generic yes/no questions whose "yes" side is the model admitting to misbehaviour. They
@@ -76,12 +76,12 @@ def _contrast(model: Any, hooks: list[str], progress: bool) -> ContrastPairs:
     return ContrastPairs(positive=dict(yes.acts), negative=dict(no.acts))
 
 
-def _two_fold(n_labels: np.ndarray, seed: int) -> list[np.ndarray]:
+def _two_fold(labels: np.ndarray, seed: int) -> list[np.ndarray]:
     """Stratified split of the test set into two folds (for skylines)."""
     rng = np.random.default_rng(seed)
-    folds = np.zeros(len(n_labels), dtype=int)
+    folds = np.zeros(len(labels), dtype=int)
     for cls in (0, 1):
-        idx = rng.permutation(np.flatnonzero(n_labels == cls))
+        idx = rng.permutation(np.flatnonzero(labels == cls))
         folds[idx[len(idx) // 2 :]] = 1
     return [np.flatnonzero(folds == f) for f in (0, 1)]
 
@@ -102,7 +102,8 @@ def _fit_score(
     if cls.supervised:
         scores = np.zeros(len(labels))
         fit_s = score_s = 0.0
-        for train, held in (lambda f: [(f[0], f[1]), (f[1], f[0])])(_two_fold(labels, seed)):
+        first, second = _two_fold(labels, seed)
+        for train, held in ((first, second), (second, first)):
             start = time.perf_counter()
             det = get_detector(name).fit(trusted, _take(test, train), labels=labels[train])
             fit_s += time.perf_counter() - start
@@ -165,7 +166,9 @@ def run_task(
     if unknown:
         raise MadlensError(f"unknown detector '{unknown[0]}'; known: {', '.join(DETECTORS)}")
     model = load_model(task.model, dtype=dtype, adapter=task.adapter)
-    hooks = model.check_hooks(hooks or default_hooks(model.n_layers))
+    hooks = model.check_hooks(
+        parse_hooks(",".join(hooks), model.n_layers) if hooks else default_hooks(model.n_layers)
+    )
     want_outputs = any(DETECTORS[d].input_kind == "outputs" for d in detectors)
     kw = {"logits": want_outputs, "logprobs": want_outputs, "progress": progress}
     trusted = extract(model, task.trusted, hooks, task.position, **kw)

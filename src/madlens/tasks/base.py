@@ -3,7 +3,6 @@ untrusted data, and test data labeled normal (0) / anomalous (1)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -57,17 +56,6 @@ class Task:
         if self.groups is None:
             self.groups = ["normal" if y == 0 else "anomalous" for y in self.labels]
 
-    def subset(self, group: str) -> "Task":
-        """The task restricted to normal test examples plus anomalous ones of `group`."""
-        keep = [i for i, g in enumerate(self.groups) if self.labels[i] == 0 or g == group]
-        return Task(
-            name=f"{self.name}/{group}", model=self.model, adapter=self.adapter,
-            trusted=self.trusted, test=[self.test[i] for i in keep], labels=self.labels[keep],
-            untrusted=self.untrusted, position=self.position,
-            groups=[self.groups[i] for i in keep], checks=self.checks, targets=self.targets,
-            description=self.description,
-        )  # fmt: skip
-
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -77,7 +65,6 @@ class TaskSpec:
     description: str
     build: Callable[..., Task]
     needs_finetune: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def require(name: str, condition: bool, message: str, enforce: bool = True) -> None:
