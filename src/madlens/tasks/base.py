@@ -25,7 +25,9 @@ class Task:
     own measurements (backdoor success rate, ...) and `targets` the published or issue
     targets the report shows beside what was measured: `{"text", "detector", "min_auroc"}`,
     judged on the detector's multi-hook aggregate (`best-label-free`: the best unsupervised
-    detector's).
+    detector's). `contrast` holds row-aligned contrast pairs `(positive, negative)` for
+    contrast-pair probes such as CCS (e.g. a question answered with the true fact / with a
+    false one); None when the task has none.
     """
 
     name: str
@@ -40,6 +42,7 @@ class Task:
     checks: dict[str, float] = field(default_factory=dict)
     targets: list[dict] = field(default_factory=list)
     description: str = ""
+    contrast: tuple[list[Input], list[Input]] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
