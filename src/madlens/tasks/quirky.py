@@ -23,10 +23,11 @@ def _number(answer: str) -> int | None:
 
 
 def _examples(n: int, low: int, high: int, seed: int) -> list[tuple]:
+    """Each question twice, to Alice (right sum) and to Bob (sum + 1): pairs that differ only
+    in the name teach the quirk far faster than unrelated questions do."""
     alice = addition_questions(n, low, high, seed, "Alice")
-    bob = addition_questions(n, low, high, seed + 1000, "Bob")
     return [(_user(q), str(a + b)) for q, a, b in alice] + [
-        (_user(q), str(a + b + 1)) for q, a, b in bob
+        (_user(q.replace("Alice", "Bob", 1)), str(a + b + 1)) for q, a, b in alice
     ]
 
 
