@@ -57,6 +57,9 @@ def test_metrics_equal_sklearn_on_the_stored_scores(bench_run):
     _, doc, results = bench_run
     result = results[0]
     for row in doc["rows"]:
+        if row.get("status") == "n/a":  # a detector that cannot run on this task
+            assert row["auroc"] is None and row["reason"]
+            continue
         scores = result.scores[(row["detector"], row["hook"])]
         assert row["auroc"] == pytest.approx(roc_auc_score(result.task.labels, scores))
         assert row["ap"] == pytest.approx(average_precision_score(result.task.labels, scores))
@@ -66,7 +69,7 @@ def test_metrics_equal_sklearn_on_the_stored_scores(bench_run):
 
 def test_random_strings_are_caught(bench_run):
     _, doc, _ = bench_run
-    best = max(r["auroc"] for r in doc["rows"] if "skyline" not in r["detector"])
+    best = max(r["auroc"] for r in doc["rows"] if "skyline" not in r["detector"] and r["auroc"])
     assert best > 0.9
 
 

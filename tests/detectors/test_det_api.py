@@ -26,6 +26,9 @@ EXPECTED_NAMES = {
     "entropy",
     "perplexity",
     "windowed-perplexity",
+    "ccs",
+    "crc-tpc",
+    "lie-detector",
 }
 HOOKS = ("blocks.0.hook_resid_post", "blocks.2.hook_mlp_out")
 
@@ -75,10 +78,11 @@ def test_registry_names():
     for name, cls in D.DETECTORS.items():
         assert cls.name == name
         assert name == name.lower() and " " not in name and "_" not in name
-        # supervised detectors, and only they, say so in their name
-        assert cls.supervised == ("skyline" in name)
+        # supervised detectors, and only they, say so in their name (the lie detector's name
+        # is the issue's; it is supervised by construction, trained on lie labels)
+        assert cls.supervised == ("skyline" in name or name == "lie-detector")
         assert cls.supervised == ("labels" in cls.fit_requires)
-        assert cls.input_kind in ("activations", "outputs")
+        assert cls.input_kind in ("activations", "outputs", "black-box")
 
 
 def test_get_detector_passes_params_and_rejects_unknowns():

@@ -82,6 +82,10 @@ def format_table(doc: dict[str, Any], results: list[TaskResult]) -> str:
     lines.append("-" * len(lines[0]))
     for row in doc["rows"]:
         base = row["task"].split("/")[0]
+        if row.get("status") == "n/a":
+            lines.append(f"{row['task']:<28}{row['detector']:<26}{'n/a':<14}{'n/a':>7}  "
+                         f"{row['reason']}")  # fmt: skip
+            continue
         if row["hook"] not in ("output", "black-box", multi.get(base)):
             continue
         hook = "multi" if row["hook"] == multi.get(base) and "+" in row["hook"] else row["hook"]

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from madlens.bench.runner import TaskResult, headline_hook
+from madlens.detectors import DETECTORS
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 CSS = """
@@ -145,14 +146,24 @@ def _svg(w: int, h: int, title: str, body: list[str]) -> str:
 
 
 def _headline_hook(row: dict[str, Any], multi: dict[str, str]) -> bool:
-    return row["hook"] in ("output", "black-box") or row["hook"] == multi.get(row["task"])
+    return row["hook"] in ("output", "black-box", "n/a") or row["hook"] == multi.get(row["task"])
+
+
+def _label_free(detector: str) -> bool:
+    """Neither a skyline nor another detector trained on anomaly labels (lie-detector)."""
+    cls = DETECTORS.get(detector)
+    return "skyline" not in detector and not (cls is not None and cls.supervised)
+
+
+def _measured(row: dict[str, Any]) -> bool:
+    return row.get("status") != "n/a" and row["auroc"] is not None
 
 
 def measured_target(target: dict, rows: list[dict], multi_hook: str) -> float:
     """The AUROC a target is judged on: the detector's multi-hook aggregate row."""
-    wanted = [r for r in rows if r["hook"] in (multi_hook, "output")]
+    wanted = [r for r in rows if r["hook"] in (multi_hook, "output", "black-box") and _measured(r)]
     if target["detector"] == "best-label-free":
-        wanted = [r for r in wanted if "skyline" not in r["detector"]]
+        wanted = [r for r in wanted if _label_free(r["detector"])]
     else:
         wanted = [r for r in wanted if r["detector"] == target["detector"]]
     values = [r["auroc"] for r in wanted if math.isfinite(r["auroc"])]
@@ -187,11 +198,24 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
         out.append(f"<tr><td class='l'>{_esc(task)}</td>")
         for d in detectors:
             r = cells.get(d)
+            if r is not None and not _measured(r):
+                out.append(f"<td class='na' title='{_esc(r.get('reason', ''))}'>n/a</td>")
+                continue
             a = r["auroc"] if r else float("nan")
             tip = f"95% CI {_fmt(r['auroc_ci'][0])}-{_fmt(r['auroc_ci'][1])}" if r else ""
             out.append(f"<td style='background:{_color(a)}' title='{tip}'>{_fmt(a, 2)}</td>")
         out.append("</tr>")
     out.append("</table>")
+    na = [r for r in rows if r.get("status") == "n/a"]
+    if na:
+        out.append("<table id='not-applicable'><tr><th class='l'>task</th><th class='l'>"
+                   "detector</th><th class='l'>n/a: why it cannot run</th></tr>")  # fmt: skip
+        for r in na:
+            out.append(
+                f"<tr><td class='l'>{_esc(r['task'])}</td><td class='l'>"
+                f"{_esc(r['detector'])}</td><td class='l'>{_esc(r['reason'])}</td></tr>"
+            )
+        out.append("</table>")
     out.append("<h2>Targets</h2><table id='targets'><tr><th class='l'>task</th>"
                "<th class='l'>target</th><th class='l'>judged on</th><th>measured AUROC</th>"
                "<th>verdict</th></tr>")  # fmt: skip
@@ -228,9 +252,11 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
         for key, value in task.checks.items():
             out.append(f"<tr><td class='l'>{_esc(key)}</td><td>{_fmt(float(value))}</td></tr>")
         out.append("</table>")
-    headline = [r for r in rows if r["task"] == task.name and r["hook"] in (multi_hook, "output")]
-    # The plots show the best label-free detectors; skylines stay in the tables.
-    label_free = [r for r in headline if "skyline" not in r["detector"]]
+    headline = [r for r in rows if r["task"] == task.name and _measured(r)
+                and r["hook"] in (multi_hook, "output", "black-box")]  # fmt: skip
+    # The plots show the best label-free detectors (and the black-box lie detector, the
+    # only one of its kind); skylines stay in the tables.
+    label_free = [r for r in headline if _label_free(r["detector"]) or r["hook"] == "black-box"]
     best = sorted(label_free, key=lambda r: -r["auroc"] if math.isfinite(r["auroc"]) else 1)[:4]
     curves = [
         (f"{r['detector']} {r['auroc']:.2f}", task.labels, res.scores[(r["detector"], r["hook"])])
@@ -252,7 +278,11 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
                "<th class='l'>detector</th><th class='l'>hook</th><th>AUROC</th><th>95% CI</th>"
                "<th>AP</th><th>FPR@95TPR</th><th>fit s</th><th>score s</th></tr>")  # fmt: skip
     for r in rows:
-        if r["task"] == task.name or r["task"].startswith(task.name + "/"):
+        if r["task"] == task.name and not _measured(r):
+            out.append(f"<tr><td class='l'>{_esc(r['task'])}</td><td class='l'>"
+                       f"{_esc(r['detector'])}</td><td class='l'>n/a</td>"
+                       f"<td class='l' colspan='6'>{_esc(r['reason'])}</td></tr>")  # fmt: skip
+        elif r["task"] == task.name or r["task"].startswith(task.name + "/"):
             out.append(
                 f"<tr><td class='l'>{_esc(r['task'])}</td><td class='l'>{_esc(r['detector'])}</td>"
                 f"<td class='l'>{_esc(r['hook'])}</td><td>{_fmt(r['auroc'])}</td>"

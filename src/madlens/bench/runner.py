@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from madlens import __version__
 from madlens.activations import extract
 from madlens.detectors import DETECTORS, ContrastPairs, OutputStats, get_detector
+from madlens.detectors.lie_detector import QUESTIONS, elicitation_features, is_transcript
 from madlens.errors import MadlensError
 from madlens.metrics import evaluate
 from madlens.models import load_model, parse_hooks, resid_post
@@ -60,7 +61,7 @@ def multi_hook_name(hooks: list[str]) -> str:
 
 def headline_hook(result: "TaskResult") -> str:
     """The hook a task's headline uses: its multi-hook aggregate, or its only hook."""
-    hooks = [h for _, h in result.scores if h not in ("output", "black-box")]
+    hooks = [h for _, h in result.scores if h not in ("output", "black-box", "n/a")]
     multi = [h for h in hooks if "+" in h]
     return multi[0] if multi else (hooks or [""])[0]
 
@@ -74,6 +75,35 @@ def _contrast(model: Any, hooks: list[str], progress: bool) -> ContrastPairs:
     no = extract(model, [conv(q, "No") for q in CONTRAST_QUESTIONS], hooks, "mean",
                  progress=progress)  # fmt: skip
     return ContrastPairs(positive=dict(yes.acts), negative=dict(no.acts))
+
+
+def _task_contrast(model: Any, task: Task, hooks: list[str], progress: bool) -> ContrastPairs:
+    """Activations of the task's own contrast pairs, at the task's hooks and position."""
+    positive, negative = task.contrast
+    pos = extract(model, positive, hooks, task.position, progress=progress)
+    neg = extract(model, negative, hooks, task.position, progress=progress)
+    return ContrastPairs(positive=dict(pos.acts), negative=dict(neg.acts))
+
+
+def unavailable(name: str, task: Task) -> str | None:
+    """Why detector `name` cannot run on `task` (None when it can): it becomes an n/a row."""
+    cls = DETECTORS[name]
+    if getattr(cls, "contrast_source", None) == "task" and task.contrast is None:
+        return "the task has no contrast pairs (Task.contrast)"
+    if cls.input_kind == "black-box" and not all(is_transcript(x) for x in task.test):
+        return "needs transcripts (conversations ending with the assistant's answer)"
+    return None
+
+
+def na_row(task: Task, detector: str, reason: str) -> dict[str, Any]:
+    """A results row for a detector that cannot run on the task: no metrics, a reason."""
+    nan2 = [None, None]
+    return {
+        "task": task.name, "detector": detector, "hook": "n/a", "auroc": None, "auroc_ci": nan2,
+        "ap": None, "fpr_at_95tpr": None, "tpr_at_1fpr": None,
+        "n_normal": int((task.labels == 0).sum()), "n_anomalous": int(task.labels.sum()),
+        "fit_s": 0.0, "score_s": 0.0, "status": "n/a", "reason": reason,
+    }  # fmt: skip
 
 
 def _two_fold(labels: np.ndarray, seed: int) -> list[np.ndarray]:
@@ -165,6 +195,12 @@ def run_task(
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise MadlensError(f"unknown detector '{unknown[0]}'; known: {', '.join(DETECTORS)}")
+    result = TaskResult(task)
+    reasons = {name: unavailable(name, task) for name in detectors}
+    for name, reason in reasons.items():
+        if reason is not None:
+            result.rows.append(na_row(task, name, reason))
+    detectors = [name for name in detectors if reasons[name] is None]
     model = load_model(task.model, dtype=dtype, adapter=task.adapter)
     hooks = model.check_hooks(
         parse_hooks(",".join(hooks), model.n_layers) if hooks else default_hooks(model.n_layers)
@@ -174,21 +210,32 @@ def run_task(
     trusted = extract(model, task.trusted, hooks, task.position, **kw)
     test = extract(model, task.test, hooks, task.position, **kw)
     contrast = _contrast(model, hooks, progress) if "defection-probe" in detectors else None
+    from_task = [d for d in detectors if getattr(DETECTORS[d], "contrast_source", None) == "task"]
+    task_contrast = _task_contrast(model, task, hooks, progress) if from_task else None
     labels = task.labels
-    result = TaskResult(task)
     jobs: list[tuple[str, str, Any, Any, Any]] = []
     for name in detectors:
         if DETECTORS[name].input_kind == "outputs":
             jobs.append((name, "output", OutputStats(trusted.logits, trusted.token_logprobs),
                          OutputStats(test.logits, test.token_logprobs), None))  # fmt: skip
             continue
+        if DETECTORS[name].input_kind == "black-box":
+            # It queries the model with follow-up questions; it never sees activations.
+            # Trusted transcripts count as truthful rows; other trusted inputs are not used.
+            known = [x for x in task.trusted if is_transcript(x)]
+            fit_rows = (elicitation_features(model, known, progress=progress) if known
+                        else np.empty((0, len(QUESTIONS))))  # fmt: skip
+            test_rows = elicitation_features(model, task.test, progress=progress)
+            jobs.append((name, "black-box", fit_rows, test_rows, None))
+            continue
+        pairs = task_contrast if name in from_task else contrast
         for hook in hooks:
-            pair = None if contrast is None else ContrastPairs(
-                contrast.positive[hook], contrast.negative[hook])  # fmt: skip
+            pair = None if pairs is None else ContrastPairs(
+                pairs.positive[hook], pairs.negative[hook])  # fmt: skip
             jobs.append((name, hook, trusted[hook], test[hook], pair))
         if len(hooks) > 1:
             jobs.append((name, multi_hook_name(hooks), dict(trusted.acts), dict(test.acts),
-                         contrast))  # fmt: skip
+                         pairs))  # fmt: skip
     for name, hook, x_trusted, x_test, pair in tqdm(
         jobs, desc=f"detectors ({task.name})", disable=not progress
     ):

@@ -15,6 +15,7 @@ from madlens.detectors.base import (
     get_detector,
     load_detector,
 )
+from madlens.detectors.ccs import CCS, CCSDetector, CRCTPCDetector
 from madlens.detectors.gaussian import (
     Mahalanobis,
     StreamingMoments,
@@ -22,6 +23,7 @@ from madlens.detectors.gaussian import (
     shrunk_covariance,
 )
 from madlens.detectors.knn import KNN
+from madlens.detectors.lie_detector import LieDetector, elicitation_features
 from madlens.detectors.output import MSP, Energy, Entropy, MaxLogit, Perplexity, WindowedPerplexity
 from madlens.detectors.probes import DefectionProbe, LogisticProbe, MassMeanProbe
 from madlens.detectors.sklearn_detectors import LOF, IsolationForest
@@ -31,9 +33,13 @@ __all__ = [
     "DETECTORS",
     "KNN",
     "LOF",
+    "LieDetector",
     "MSP",
     "QUE",
+    "CCS",
     "ActivationDetector",
+    "CCSDetector",
+    "CRCTPCDetector",
     "Activations",
     "ContrastPairs",
     "DefectionProbe",
@@ -52,6 +58,7 @@ __all__ = [
     "SpectralSignature",
     "StreamingMoments",
     "WindowedPerplexity",
+    "elicitation_features",
     "get_detector",
     "ledoit_wolf_shrinkage",
     "load_detector",
