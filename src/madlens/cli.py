@@ -14,6 +14,8 @@ import typer
 
 from madlens.circuits.cli import circuits_app
 from madlens.errors import MadlensError
+from madlens.sae.cli import explain as sae_explain
+from madlens.sae.cli import sae_app
 from madlens.truth.cli import truth_app
 
 app = typer.Typer(
@@ -25,6 +27,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="List and fetch models.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(circuits_app, name="circuits")
+app.add_typer(sae_app, name="sae")
+app.command("explain")(sae_explain)
 app.add_typer(truth_app, name="truth")
 
 DTYPE_HELP = "float32 or bfloat16 (about 3x faster on CPU)"

@@ -26,6 +26,8 @@ EXPECTED_NAMES = {
     "entropy",
     "perplexity",
     "windowed-perplexity",
+    "sae-recon",
+    "sae-rare",
     "ccs",
     "crc-tpc",
     "lie-detector",

@@ -1,0 +1,151 @@
+"""SAE detectors: `sae-recon` (reconstruction error) and `sae-rare` (how unlikely the set of
+firing latents is given each latent's firing frequency on trusted data).
+
+Without a pretrained SAE, `fit` trains a small seeded TopK SAE on the trusted activations
+(shared between the two detectors through a small in-process memo, so a bench pays once);
+`sae=DIR` loads a madlens / SAELens SAE for the one hook it was trained on instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from madlens.detectors.base import ActivationDetector, Activations
+from madlens.errors import MadlensError
+
+_MEMO: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
+_MEMO_SIZE = 64
+
+
+def _fit_small_sae(trusted: np.ndarray, latents: int, k: int, steps: int, seed: int):  # noqa: ANN202
+    from madlens.sae.train import TrainConfig, train_sae
+
+    n, d = trusted.shape
+    batch = min(256, n)
+    rng = np.random.default_rng(seed)
+
+    def batches():
+        for _ in range(steps):
+            yield trusted[rng.choice(n, batch, replace=False)]
+
+    config = TrainConfig(architecture="topk", expansion=max(1, -(-latents // d)), k=k, lr=3e-3,
+                         batch_size=batch, buffer_rows=batch, warmup_steps=10,
+                         dead_tokens=max(4 * n, 1024), b_dec_init="mean", seed=seed)  # fmt: skip
+    with torch.random.fork_rng():
+        return train_sae(batches(), d, config, total_rows=steps * batch, progress=False).sae
+
+
+class _SAEDetector(ActivationDetector):
+    """Shared fitting: SAE weights as learned arrays, plus each latent's trusted firing
+    frequency (Laplace-smoothed, so a latent never seen firing is rare, not impossible)."""
+
+    def __init__(
+        self,
+        sae: str | None = None,
+        latents: int = 512,
+        k: int = 16,
+        steps: int = 150,
+        seed: int = 0,
+        aggregation: str = "mean",
+    ) -> None:
+        super().__init__(aggregation)
+        self.sae = sae
+        self.latents = latents
+        self.k = k
+        self.steps = steps
+        self.seed = seed
+
+    def fit(
+        self, trusted: Activations, untrusted: Activations | None = None, **fit_inputs: Any
+    ) -> _SAEDetector:
+        if self.sae is not None and isinstance(trusted, Mapping) and len(trusted) > 1:
+            raise MadlensError(
+                f"a pretrained SAE belongs to one hook; fit {self.name} on that hook alone"
+            )
+        return super().fit(trusted, untrusted, **fit_inputs)  # type: ignore[return-value]
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, **fit_inputs: Any) -> None:
+        if self.sae is not None:
+            from madlens.sae.io import load_sae
+            from madlens.sae.topk import TopKSAE
+
+            model = load_sae(self.sae)
+            if model.d_in != trusted.shape[1]:
+                raise MadlensError(f"the SAE at {self.sae} reads {model.d_in} features, "
+                                   f"the activations have {trusted.shape[1]}")  # fmt: skip
+            state = {name: getattr(model, name).detach().numpy().copy()
+                     for name in ("W_enc", "b_enc", "W_dec", "b_dec")}  # fmt: skip
+            state["k"] = np.array(model.cfg.k if isinstance(model, TopKSAE) else 0)
+            state["apply_b_dec"] = np.array(int(model.cfg.apply_b_dec_to_input))
+        else:
+            key = (hashlib.sha256(np.ascontiguousarray(trusted).tobytes()).hexdigest(),
+                   trusted.shape, self.latents, self.k, self.steps, self.seed)  # fmt: skip
+            if key not in _MEMO:
+                k = max(1, min(self.k, self.latents))
+                model = _fit_small_sae(trusted, self.latents, k, self.steps, self.seed)
+                _MEMO[key] = {name: getattr(model, name).detach().numpy().copy()
+                              for name in ("W_enc", "b_enc", "W_dec", "b_dec")}  # fmt: skip
+                _MEMO[key] |= {"k": np.array(k), "apply_b_dec": np.array(1)}
+                while len(_MEMO) > _MEMO_SIZE:
+                    _MEMO.popitem(last=False)
+            _MEMO.move_to_end(key)
+            state = _MEMO[key]
+        self.W_enc_ = state["W_enc"].astype(np.float32)
+        self.b_enc_ = state["b_enc"].astype(np.float32)
+        self.W_dec_ = state["W_dec"].astype(np.float32)
+        self.b_dec_ = state["b_dec"].astype(np.float32)
+        self.topk_ = int(state["k"])
+        self.apply_b_dec_ = int(state["apply_b_dec"])
+        latents = self._latents(trusted)
+        fired = (latents > 0).sum(0)
+        self.frequency_ = ((fired + 1.0) / (len(trusted) + 2.0)).astype(np.float64)
+
+    def _latents(self, x: np.ndarray) -> np.ndarray:
+        x_in = x - self.b_dec_ if self.apply_b_dec_ else x
+        pre = torch.from_numpy(np.ascontiguousarray(x_in, dtype=np.float32)) @ torch.from_numpy(
+            self.W_enc_
+        ) + torch.from_numpy(self.b_enc_)
+        if self.topk_:
+            values, index = pre.topk(min(self.topk_, pre.shape[1]), dim=-1)
+            return torch.zeros_like(pre).scatter_(-1, index, values.relu()).numpy()
+        return pre.relu().numpy()
+
+    def _reconstruct(self, latents: np.ndarray) -> np.ndarray:
+        return latents @ self.W_dec_ + self.b_dec_
+
+
+class SAERecon(_SAEDetector):
+    """Squared reconstruction error `||x - x̂||²` of an SAE fit on (or trained for) trusted
+    activations: inputs built from directions the dictionary lacks reconstruct badly."""
+
+    name = "sae-recon"
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        recon = self._reconstruct(self._latents(x))
+        return ((x - recon) ** 2).sum(1)
+
+
+class SAERare(_SAEDetector):
+    """Negative log-likelihood of the firing pattern under independent Bernoulli latents with
+    their trusted frequencies p_j: `sum_firing -log p_j + sum_silent -log(1 - p_j)`. High when
+    rarely-firing latents fire (or common ones stay silent)."""
+
+    name = "sae-rare"
+
+    def _score(self, x: np.ndarray) -> np.ndarray:
+        active = self._latents(x) > 0
+        p = self.frequency_
+        silent_cost = -np.log1p(-p)
+        return active @ (-np.log(p) - silent_cost) + silent_cost.sum()
+
+    def surprise(self, x: np.ndarray) -> np.ndarray:
+        """Per-latent contribution `-log p_j` of the firing latents of each row (0 if silent):
+        the latents that made an input anomalous, largest first when sorted."""
+        self._check_fitted()
+        return (self._latents(np.asarray(x, dtype=np.float32)) > 0) * -np.log(self.frequency_)
