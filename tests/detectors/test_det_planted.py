@@ -57,6 +57,8 @@ SCENARIOS = {
     "defection-probe": mean_shift,
     "mass-mean-probe-skyline": mean_shift,
     "logistic-probe-skyline": mean_shift,
+    "ccs": mean_shift,
+    "crc-tpc": mean_shift,
 }
 
 
