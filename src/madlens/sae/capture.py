@@ -9,14 +9,26 @@ from typing import Any
 import numpy as np
 
 BLOCK_WINDOWS = 256  # windows per cache entry: an interrupted capture keeps finished blocks
+SINK_FACTOR = 10.0  # a row this many times the median norm is an attention sink
+
+
+def sink_rows(norms: np.ndarray) -> np.ndarray:
+    """Rows whose norm exceeds `SINK_FACTOR` times the median: attention sinks, residual
+    vectors ~100x the typical norm that the model parks attention on (the first token of a
+    window, sometimes the token after a leading newline). One such row in 8,000 holds more
+    squared norm than all the others together, so SAEs leave them out of training, metrics
+    and splicing, as SAELens leaves out BOS tokens."""
+    return norms > SINK_FACTOR * np.median(norms)
 
 
 def window_rows(acts: np.ndarray, context_size: int, skip_first: bool = True) -> np.ndarray:
     """Rows of `(windows * context_size, d)` activations, without each window's first
-    position when `skip_first`: a window starts mid-text, and the model parks attention on
-    its first token, whose residual stream is an outlier of huge norm (an attention sink)."""
+    position and without attention-sink rows when `skip_first` (see `sink_rows`)."""
     rows = acts.reshape(-1, context_size, acts.shape[-1])
-    return (rows[:, 1:] if skip_first else rows).reshape(-1, acts.shape[-1])
+    rows = (rows[:, 1:] if skip_first else rows).reshape(-1, acts.shape[-1])
+    if skip_first:
+        rows = rows[~sink_rows(np.linalg.norm(rows, axis=1))]
+    return rows
 
 
 def stream_activations(

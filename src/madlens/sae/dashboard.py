@@ -81,23 +81,25 @@ def feature_stats(
     n_groups: int = 3,
     per_group: int = 3,
     seed: int = 0,
+    keep: np.ndarray | None = None,
 ) -> FeatureStats:
-    """Statistics of every feature over `rows` (`(windows * (context_size - 1), d)`, each
-    window's first position left out, as in training)."""
-    r, f, v = firing_triplets(sae, rows)
-    width = context_size - 1
+    """Statistics of every feature over `rows` (`(windows * context_size, d)`), reading
+    only the rows in `keep` (default: all)."""
+    kept = np.arange(len(rows)) if keep is None else np.flatnonzero(keep)
+    r, f, v = firing_triplets(sae, rows[kept])
+    r = kept[r]
     order = np.lexsort((-v, f))
     r, f, v = r[order], f[order], v[order]
     bounds = np.searchsorted(f, np.arange(sae.d_sae + 1))
     rng = np.random.default_rng(seed)
-    density = np.diff(bounds) / max(1, len(rows))
+    density = np.diff(bounds) / max(1, len(kept))
     top, groups, hists = [], [], []
     for feature in range(sae.d_sae):
         a, b = bounds[feature], bounds[feature + 1]
         fr, fv = r[a:b], v[a:b]
 
         def item(i: int, fr: np.ndarray = fr, fv: np.ndarray = fv) -> tuple[int, int, float]:
-            return int(fr[i] // width), int(fr[i] % width) + 1, float(fv[i])
+            return int(fr[i] // context_size), int(fr[i] % context_size), float(fv[i])
 
         top.append([item(i) for i in range(min(n_top, len(fv)))])
         feature_groups = []
@@ -115,7 +117,7 @@ def feature_stats(
         else:
             hists.append({"counts": [], "lo": 0.0, "hi": 0.0})
     up, down = logit_effects(sae, model) if model is not None else ([[]] * sae.d_sae,) * 2
-    return FeatureStats(density, top, groups, hists, up, down, int(len(rows)))
+    return FeatureStats(density, top, groups, hists, up, down, int(len(kept)))
 
 
 def _payload(stats: FeatureStats, windows: np.ndarray, decode: Any) -> dict[str, Any]:
@@ -175,7 +177,7 @@ def dashboard_for_sae(
     `tokens` tokens of `corpus` through both and write the dashboard HTML to `out`."""
     from madlens.errors import MadlensError
     from madlens.models import load_model
-    from madlens.sae.capture import stream_activations
+    from madlens.sae.capture import sink_rows, stream_activations
     from madlens.sae.corpus import build_corpus
     from madlens.sae.io import load_sae
 
@@ -192,8 +194,13 @@ def dashboard_for_sae(
         raise MadlensError(f"the SAE reads {sae.d_in} features, {hook} of {lm.name} has "
                            f"{lm.d_model}")  # fmt: skip
     windows = build_corpus(corpus, lm.tokenizer, context_size, tokens, progress=progress)
-    rows = np.concatenate(list(stream_activations(lm, windows, hook, progress=progress)))
-    stats = feature_stats(sae, rows, context_size, lm)
+    rows = np.concatenate(
+        list(stream_activations(lm, windows, hook, skip_first=False, progress=progress))
+    )
+    # as in training: no window's first position, no attention sink
+    keep = ~sink_rows(np.linalg.norm(rows, axis=1))
+    keep[::context_size] = False
+    stats = feature_stats(sae, rows, context_size, lm, keep=keep)
     stats.meta = {"model": lm.name, "hook": hook, "sae": str(sae_dir), "corpus": corpus}
     title = f"SAE features: {lm.name} {hook} ({sae.d_sae} latents)"
     return write_dashboard(stats, windows, lm.tokenizer.decode, out, title)

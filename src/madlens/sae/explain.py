@@ -61,15 +61,18 @@ def rank_features(
 def explain_text(model: Any, sae: SparseAutoencoder, density: np.ndarray, text: str,
                  hook: str, top: int = 10) -> list[FeatureHit]:  # fmt: skip
     """Run `text` through `model`, encode `hook`'s activations with the SAE and rank the
-    features that fired (the first token, an attention sink, is left out as in training)."""
+    features that fired (the first token and attention sinks are left out, as in training)."""
     from madlens.activations import extract
 
     acts = extract(model, [text], [hook], "all", cache=False, progress=False)[hook]
     ids = model.tokenizer(text)["input_ids"][-len(acts) :]
     if len(acts) < 2:
         raise MadlensError("the input needs at least two tokens")
-    tokens = [model.tokenizer.decode([t]) for t in ids[1:]]
-    hits = rank_features(sae, acts[1:], density, tokens, top)
+    from madlens.sae.capture import sink_rows
+
+    keep = np.flatnonzero(~sink_rows(np.linalg.norm(acts[1:], axis=1))) + 1
+    tokens = [model.tokenizer.decode([ids[i]]) for i in keep]
+    hits = rank_features(sae, acts[keep], density, tokens, top)
     for hit in hits:
-        hit.position += 1
+        hit.position = int(keep[hit.position])
     return hits

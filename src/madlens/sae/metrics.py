@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from madlens.sae.base import SparseAutoencoder
+from madlens.sae.capture import sink_rows
 
 
 class FiringStats:
@@ -103,7 +104,8 @@ def downstream_loss(
     at `hook`, versus the clean model and versus zero-ablating the hook.
 
     With `skip_first` the first position of each window keeps its clean activation and is
-    not scored (it is an attention sink that SAEs are not trained on, see `capture.py`).
+    not scored, and attention-sink rows keep theirs (SAEs are not trained on them, see
+    `madlens.sae.capture.sink_rows`).
     """
     start = 1 if skip_first else 0
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_ablation": 0.0, "kl_sae": 0.0, "kl_ablation": 0.0}
@@ -114,14 +116,26 @@ def downstream_loss(
     for first in bar:
         ids = torch.as_tensor(windows[first : first + batch_size], dtype=torch.long)
 
+        def replaced(act: torch.Tensor) -> torch.Tensor:
+            """Positions the SAE (or the ablation) replaces: all from `start` on, but
+            attention sinks, which keep their clean activations as in training."""
+            mask = torch.zeros(act.shape[:2], dtype=torch.bool)
+            mask[:, start:] = True
+            if skip_first:
+                norms = act[:, start:].float().norm(dim=-1)
+                mask[:, start:] &= ~torch.from_numpy(sink_rows(norms.flatten().numpy())).view(
+                    norms.shape
+                )
+            return mask
+
         def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            new = act.clone()
-            new[:, start:] = sae(act[:, start:].float()).reconstruction.to(act.dtype)
+            new, mask = act.clone(), replaced(act)
+            new[mask] = sae(act[mask].float()).reconstruction.to(act.dtype)
             return new
 
         def ablate(act: torch.Tensor, hook: Any) -> torch.Tensor:
             new = act.clone()
-            new[:, start:] = 0
+            new[replaced(act)] = 0
             return new
 
         runs = {}
