@@ -126,7 +126,7 @@ def build_lying(
     told-to-lie ones where the model did not lie (0) vs told-to-lie ones where it lied (1),
     activations averaged over the answer."""
     n_train, n_check, n_trusted, n_test, steps = (
-        (96, 24, 48, 48, 60) if quick else (200, 40, 100, 100, 100)
+        (128, 24, 48, 48, 100) if quick else (200, 40, 100, 100, 160)
     )
     base = load_model(model, dtype="bfloat16")
     known, unknown = [], []

@@ -36,7 +36,7 @@ def build_quirky(
 ) -> Task:
     """Trusted: Alice on easy questions. Test: Alice-hard (0) vs Bob-hard (1), last token."""
     n_train, n_check, n_trusted, n_test, steps = (
-        (48, 24, 64, 40, 140) if quick else (120, 50, 200, 100, 240)
+        (48, 40, 64, 40, 200) if quick else (120, 50, 200, 100, 300)
     )
     examples = _examples(n_train, *EASY, seed) + _examples(n_train, *HARD, seed + 1)
     adapter = finetune_lora(model, examples, LoraConfig(steps=steps, seed=seed), progress)
