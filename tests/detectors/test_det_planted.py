@@ -59,6 +59,8 @@ SCENARIOS = {
     "logistic-probe-skyline": mean_shift,
     "ccs": mean_shift,
     "crc-tpc": mean_shift,
+    "sae-recon": rare_direction,
+    "sae-rare": rare_direction,
 }
 
 
