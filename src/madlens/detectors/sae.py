@@ -23,7 +23,7 @@ _MEMO: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
 _MEMO_SIZE = 64
 
 
-def _fit_small_sae(trusted: np.ndarray, latents: int, k: int, steps: int, seed: int):  # noqa: ANN202
+def _fit_small_sae(trusted: np.ndarray, latents: int, k: int, steps: int, seed: int) -> Any:
     from madlens.sae.train import TrainConfig, train_sae
 
     n, d = trusted.shape

@@ -34,7 +34,9 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def firing_triplets(sae: SparseAutoencoder, rows: np.ndarray, batch: int = 4096):  # noqa: ANN201
+def firing_triplets(
+    sae: SparseAutoencoder, rows: np.ndarray, batch: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(row, feature, activation)` of every firing latent over `rows` (sparse)."""
     out_rows, out_feat, out_val = [], [], []
     for start in range(0, len(rows), batch):
@@ -54,7 +56,9 @@ def firing_triplets(sae: SparseAutoencoder, rows: np.ndarray, batch: int = 4096)
     return np.concatenate(out_rows), np.concatenate(out_feat), np.concatenate(out_val)
 
 
-def logit_effects(sae: SparseAutoencoder, model: Any, top: int = 8):  # noqa: ANN201
+def logit_effects(
+    sae: SparseAutoencoder, model: Any, top: int = 8
+) -> tuple[list[list[tuple[int, float]]], list[list[tuple[int, float]]]]:
     """Each decoder direction through the final norm's gain and the unembedding: the tokens
     whose logits a feature raises and lowers most."""
     hf = model.hf_model

@@ -65,7 +65,9 @@ class _Selected(torch.autograd.Function):
         return None, grad_w, grad_bias, None, None
 
 
-def decode_sparse(sae: SparseAutoencoder, index: torch.Tensor, values: torch.Tensor):  # noqa: ANN201
+def decode_sparse(
+    sae: SparseAutoencoder, index: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
     """`sum_j values_j * W_dec[index_j]`: the decoder applied to k-sparse latents."""
     return F.embedding_bag(index, sae.W_dec, per_sample_weights=values, mode="sum")
 
@@ -109,7 +111,14 @@ class TopKSAE(SparseAutoencoder):
         aux = self._aux_loss(x, bias, recon, pre, dead)
         return Loss(mse + aux, mse, aux, recon, indices, values.detach())
 
-    def _aux_loss(self, x, bias, recon, pre, dead) -> torch.Tensor:  # noqa: ANN001
+    def _aux_loss(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        recon: torch.Tensor,
+        pre: torch.Tensor,
+        dead: torch.Tensor | None,
+    ) -> torch.Tensor:
         n_dead = 0 if dead is None else int(dead.sum())
         if n_dead == 0:
             return recon.new_zeros(())

@@ -72,7 +72,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def build_sae(d_in: int, config: TrainConfig, metadata: dict[str, Any] | None = None):  # noqa: ANN201
+def build_sae(
+    d_in: int, config: TrainConfig, metadata: dict[str, Any] | None = None
+) -> SparseAutoencoder:
     """A freshly initialised SAE of the configured architecture."""
     d_sae = d_in * config.expansion
     if config.architecture == "topk":
