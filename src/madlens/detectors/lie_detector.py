@@ -226,7 +226,10 @@ def elicitation_features(
     features = np.stack(rows).astype(np.float64)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, features)
+        # Write then rename: an interrupted run must not leave a partial file to be read.
+        tmp = path.with_name(path.stem + ".partial.npy")
+        np.save(tmp, features)
+        tmp.replace(path)
     return features
 
 

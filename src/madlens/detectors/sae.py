@@ -41,6 +41,13 @@ def _fit_small_sae(trusted: np.ndarray, latents: int, k: int, steps: int, seed: 
         return train_sae(batches(), d, config, total_rows=steps * batch, progress=False).sae
 
 
+def _weights(model: Any) -> dict[str, np.ndarray]:
+    """An SAE's weights as numpy arrays, by their SAELens names."""
+    from madlens.sae.io import WEIGHTS
+
+    return {name: getattr(model, name).detach().float().numpy().copy() for name in WEIGHTS}
+
+
 class _SAEDetector(ActivationDetector):
     """Shared fitting: SAE weights as learned arrays, plus each latent's trusted firing
     frequency (Laplace-smoothed, so a latent never seen firing is rare, not impossible)."""
@@ -79,8 +86,7 @@ class _SAEDetector(ActivationDetector):
             if model.d_in != trusted.shape[1]:
                 raise MadlensError(f"the SAE at {self.sae} reads {model.d_in} features, "
                                    f"the activations have {trusted.shape[1]}")  # fmt: skip
-            state = {name: getattr(model, name).detach().numpy().copy()
-                     for name in ("W_enc", "b_enc", "W_dec", "b_dec")}  # fmt: skip
+            state = _weights(model)
             state["k"] = np.array(model.cfg.k if isinstance(model, TopKSAE) else 0)
             state["apply_b_dec"] = np.array(int(model.cfg.apply_b_dec_to_input))
         else:
@@ -89,8 +95,7 @@ class _SAEDetector(ActivationDetector):
             if key not in _MEMO:
                 k = max(1, min(self.k, self.latents))
                 model = _fit_small_sae(trusted, self.latents, k, self.steps, self.seed)
-                _MEMO[key] = {name: getattr(model, name).detach().numpy().copy()
-                              for name in ("W_enc", "b_enc", "W_dec", "b_dec")}  # fmt: skip
+                _MEMO[key] = _weights(model)
                 _MEMO[key] |= {"k": np.array(k), "apply_b_dec": np.array(1)}
                 while len(_MEMO) > _MEMO_SIZE:
                     _MEMO.popitem(last=False)

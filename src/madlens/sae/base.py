@@ -39,8 +39,6 @@ class SparseAutoencoder(nn.Module):
     """Base SAE: `x̂ = z @ W_dec + b_dec` with `z = encode(x)`. Subclasses implement
     `encode` and `training_loss`. Decoder rows (one per latent) are kept at unit norm."""
 
-    config_class: ClassVar[type[SAEConfig]] = SAEConfig
-
     def __init__(self, cfg: SAEConfig, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg

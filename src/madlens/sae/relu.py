@@ -24,7 +24,6 @@ class ReLUConfig(SAEConfig):
 class ReLUSAE(SparseAutoencoder):
     """`z = ReLU((x - b_dec) @ W_enc + b_enc)`; encodes exactly as SAELens's `StandardSAE`."""
 
-    config_class = ReLUConfig
     cfg: ReLUConfig
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

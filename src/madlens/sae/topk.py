@@ -76,7 +76,6 @@ class TopKSAE(SparseAutoencoder):
     """A TopK sparse autoencoder; encodes exactly as SAELens's `TopKSAE` with
     `rescale_acts_by_decoder_norm=False` (our decoder rows have unit norm)."""
 
-    config_class = TopKConfig
     cfg: TopKConfig
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
