@@ -65,3 +65,22 @@ def test_truncation_is_a_one_line_warning(tmp_path, run_cli):
 def test_models_list(run_cli):
     code, out, _ = run_cli("models", "list")
     assert code == 0 and "smollm2-135m-instruct" in out and "tiny-test" in out
+
+
+def test_an_output_of_the_wrong_kind_fails_before_any_work(tmp_path, run_cli):
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    commands = [
+        ("bench", "--model", "tiny-test", "--tasks", "ood", "--out", str(a_file)),
+        ("truth", "sweep", "--model", "tiny-test", "--out", str(a_file)),
+        ("sae", "train", "--model", "tiny-test", "--hook", "0", "--out", str(a_file)),
+        ("sae", "dashboard", "--sae", str(tmp_path), "--out", str(tmp_path)),
+    ]
+    for args in commands:
+        code, _, stderr = run_cli(*args)
+        assert code == 2, args
+        assert (
+            stderr.strip().count("\n") == 0
+            and "exists and is a file" in stderr
+            or ("is a directory" in stderr)
+        ), (args, stderr)

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from madlens.circuits.cli import circuits_app
-from madlens.errors import MadlensError
+from madlens.errors import MadlensError, check_output
 from madlens.sae.cli import explain as sae_explain
 from madlens.sae.cli import sae_app
 from madlens.truth.cli import truth_app
@@ -165,6 +165,7 @@ def bench(
     """Build the tasks, run every detector on them, write results.json and report.html."""
     from madlens.bench import format_table, run_bench
 
+    check_output(out, directory=True)
     start = time.perf_counter()
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     if task_file is not None and task_list is None:

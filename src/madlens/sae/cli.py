@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from madlens.errors import check_output
+
 sae_app = typer.Typer(help="Sparse autoencoders: train, browse features.", no_args_is_help=True)
 MODEL_HELP = "model name, HF id or local dir"
 
@@ -36,6 +38,7 @@ def train(
     """Train an SAE on one hook's activations; writes SAELens-format files and metrics.json."""
     from madlens.sae.train import TrainConfig, train_on_model
 
+    check_output(out, directory=True)
     config = TrainConfig(architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1,
                          lr=lr, batch_size=batch_size, seed=seed)  # fmt: skip
     metrics = train_on_model(model, hook, out, corpus=corpus, tokens=tokens,
@@ -63,6 +66,7 @@ def dashboard(
     """Write a self-contained feature dashboard (index by density, contexts, logit effects)."""
     from madlens.sae.dashboard import dashboard_for_sae
 
+    check_output(out, directory=False)
     path = dashboard_for_sae(sae, out, model=model, corpus=corpus, tokens=tokens, dtype=dtype)
     typer.echo(f"wrote {path}")
 

@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from madlens.errors import check_output
+
 truth_app = typer.Typer(
     help="Latent-knowledge (truth) probes: CCS and its baselines.", no_args_is_help=True
 )
@@ -47,6 +49,7 @@ def sweep(
     from madlens.truth.sweep import check_datasets
 
     start = time.perf_counter()
+    check_output(out, directory=True)
     names = check_datasets([d.strip() for d in datasets.split(",") if d.strip()])
     lm = load_model(model, dtype=dtype)
     hook_list = parse_hooks(hooks, lm.n_layers) if hooks else None
