@@ -20,13 +20,19 @@ from madlens.detectors import get_detector
 from madlens.detectors.lie_detector import GROUPS, elicitation_features
 from madlens.models import load_model
 from madlens.tasks import build_task
-from madlens.tasks.lying import HONEST_PROMPT, LIE_PROMPTS, TRAIN_LIE_PROMPTS, facts, transcripts
+from madlens.tasks.lying import (
+    HONEST_PROMPT,
+    LIE_PROMPTS,
+    TRAIN_LIE_PROMPTS,
+    facts,
+    lie_systems,
+    transcripts,
+)
 
 
 def transfer_set(model, items, lie_prompts):
     honest, _ = transcripts(model, items, HONEST_PROMPT)
-    systems = [lie_prompts[i % len(lie_prompts)] for i in range(len(items))]
-    lies, lies_true = transcripts(model, items, systems)
+    lies, lies_true = transcripts(model, items, lie_systems(len(items), lie_prompts))
     labels = [0] * len(honest) + [0 if ok else 1 for ok in lies_true]
     return honest + lies, np.array(labels)
 

