@@ -123,11 +123,11 @@ def run_madlens(name, folder):
         return fit_s, score_s, baseline
     trusted, test = np.load(folder / "trusted.npy"), np.load(folder / "test.npy")
     inputs = {}
-    if "labels" in cls.fit_requires:
+    if "labels" in cls.fit_requires():
         inputs["labels"] = (np.arange(len(test)) >= len(test) // 2).astype(int)
-    if "contrast" in cls.fit_requires:
+    if "contrast" in cls.fit_requires():
         inputs["contrast"] = D.ContrastPairs(positive=test[-8:], negative=test[:8])
-    untrusted = test if (cls.uses_untrusted or "labels" in cls.fit_requires) else None
+    untrusted = test if (cls.uses_untrusted or "labels" in cls.fit_requires()) else None
     baseline = _rss_mb()
     det = D.get_detector(name)
     _, fit_s = _timed(lambda: det.fit(trusted, untrusted, **inputs))

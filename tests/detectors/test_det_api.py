@@ -44,9 +44,9 @@ def _fit_inputs(name, untrusted_n, multi=False):
     """What the bench would pass: labels for skylines, contrast pairs for the defection probe."""
     cls = D.DETECTORS[name]
     inputs = {}
-    if "labels" in cls.fit_requires:
+    if "labels" in cls.fit_requires():
         inputs["labels"] = np.arange(untrusted_n) % 2
-    if "contrast" in cls.fit_requires:
+    if "contrast" in cls.fit_requires():
         pos, neg = _acts(90, 4) + 1.0, _acts(91, 4)
         if multi:
             pos, neg = {h: pos for h in HOOKS}, {h: neg for h in HOOKS}
@@ -83,8 +83,8 @@ def test_registry_names():
         # supervised detectors, and only they, say so in their name (the lie detector's name
         # is the issue's; it is supervised by construction, trained on lie labels)
         assert cls.supervised == ("skyline" in name or name == "lie-detector")
-        assert cls.supervised == ("labels" in cls.fit_requires)
-        assert cls.input_kind in ("activations", "outputs", "black-box")
+        assert cls.supervised == ("labels" in cls.fit_requires())
+        assert cls.input_kind in ("activations", "outputs", "transcripts")
 
 
 def test_get_detector_passes_params_and_rejects_unknowns():

@@ -76,9 +76,9 @@ def test_activation_detector_separates_planted_anomaly(name, multi_hook):
     trusted, normal, anomalous = SCENARIOS[name](rng)
     test = np.concatenate([normal, anomalous])
     fit_inputs = {}
-    if "labels" in D.DETECTORS[name].fit_requires:
+    if "labels" in D.DETECTORS[name].fit_requires():
         fit_inputs["labels"] = LABELS
-    if "contrast" in D.DETECTORS[name].fit_requires:
+    if "contrast" in D.DETECTORS[name].fit_requires():
         # 8 contrast pairs whose "yes" side differs by the same direction as the anomalies
         pairs = _base(rng, 8)
         shift = anomalous.mean(0) - normal.mean(0)

@@ -88,9 +88,9 @@ def _task_contrast(model: Any, task: Task, hooks: list[str], progress: bool) -> 
 def unavailable(name: str, task: Task) -> str | None:
     """Why detector `name` cannot run on `task` (None when it can): it becomes an n/a row."""
     cls = DETECTORS[name]
-    if getattr(cls, "contrast_source", None) == "task" and task.contrast is None:
+    if cls.contrast_source == "task" and task.contrast is None:
         return "the task has no contrast pairs (Task.contrast)"
-    if cls.input_kind == "black-box" and not all(is_transcript(x) for x in task.test):
+    if cls.input_kind == "transcripts" and not all(is_transcript(x) for x in task.test):
         return "needs transcripts (conversations ending with the assistant's answer)"
     return None
 
@@ -141,9 +141,9 @@ def _fit_score(
             scores[held] = det.score(_take(test, held))
             score_s += time.perf_counter() - start
         return scores, fit_s, score_s
-    extra = {"contrast": contrast} if "contrast" in cls.fit_requires else {}
+    extra = {"contrast": contrast} if cls.contrast_source != "none" else {}
     start = time.perf_counter()
-    det = get_detector(name, **_params(name, trusted)).fit(
+    det = get_detector(name, **cls.defaults_for(_n_rows(trusted))).fit(
         trusted, test if cls.uses_untrusted else None, **extra
     )
     fit_s = time.perf_counter() - start
@@ -152,13 +152,8 @@ def _fit_score(
     return scores, fit_s, time.perf_counter() - start
 
 
-def _params(name: str, trusted: Any) -> dict[str, Any]:
-    """Bench-size parameters: kNN's k (50 in the literature, for sets of many thousands)
-    shrinks with small trusted sets so that it stays a local statistic."""
-    if name != "knn":
-        return {}
-    n = len(next(iter(trusted.values()))) if isinstance(trusted, dict) else len(trusted)
-    return {"k": max(1, min(50, n // 10))}
+def _n_rows(x: Any) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 
 def _take(x: Any, index: np.ndarray) -> Any:
@@ -209,8 +204,9 @@ def run_task(
     kw = {"logits": want_outputs, "logprobs": want_outputs, "progress": progress}
     trusted = extract(model, task.trusted, hooks, task.position, **kw)
     test = extract(model, task.test, hooks, task.position, **kw)
-    contrast = _contrast(model, hooks, progress) if "defection-probe" in detectors else None
-    from_task = [d for d in detectors if getattr(DETECTORS[d], "contrast_source", None) == "task"]
+    generic = any(DETECTORS[d].contrast_source == "generic" for d in detectors)
+    contrast = _contrast(model, hooks, progress) if generic else None
+    from_task = [d for d in detectors if DETECTORS[d].contrast_source == "task"]
     task_contrast = _task_contrast(model, task, hooks, progress) if from_task else None
     labels = task.labels
     jobs: list[tuple[str, str, Any, Any, Any]] = []
@@ -219,7 +215,7 @@ def run_task(
             jobs.append((name, "output", OutputStats(trusted.logits, trusted.token_logprobs),
                          OutputStats(test.logits, test.token_logprobs), None))  # fmt: skip
             continue
-        if DETECTORS[name].input_kind == "black-box":
+        if DETECTORS[name].input_kind == "transcripts":
             # It queries the model with follow-up questions; it never sees activations.
             # Trusted transcripts count as truthful rows; other trusted inputs are not used.
             known = [x for x in task.trusted if is_transcript(x)]

@@ -181,19 +181,26 @@ class Detector:
     `save(dir)` writes `dir/detector.json` (name, parameters, scalar state) and
     `dir/state.safetensors` (every learned array); `load(dir)` rebuilds it. No pickle.
 
-    Class attributes read by the bench:
-      name          stable registry name (kebab-case)
-      input_kind    "activations" or "outputs"
-      supervised    True for skylines, which see anomaly labels (their names say "skyline")
-      fit_requires  extra keyword inputs `fit` needs: "labels" (skylines), "contrast"
-      uses_untrusted True if `fit` needs the untrusted batch (QUE, spectral signatures)
+    What a detector needs is declared on its class, so that the bench and the monitor ask
+    rather than switch on names:
+      name            stable registry name (kebab-case)
+      input_kind      "activations" (hook activations), "outputs" (logits / token log-probs)
+                      or "transcripts" (it queries the model about whole conversations)
+      contrast_source "none"; "generic" (contrast pairs that name no task, e.g. the defection
+                      probe's yes/no questions); or "task" (the task's own pairs, e.g. CCS)
+      supervised      True when `fit` sees anomaly labels (`labels=`): such detectors are
+                      cross-fitted and always shown apart from label-free ones
+      uses_untrusted  True if `fit` needs the unlabeled untrusted batch (QUE, spectral)
+      reference       the paper or source the detector implements
+    `defaults_for(n_trusted)` gives parameters that depend on the trusted-set size.
     """
 
     name: ClassVar[str] = ""
     input_kind: ClassVar[str] = "activations"
+    contrast_source: ClassVar[str] = "none"
     supervised: ClassVar[bool] = False
-    fit_requires: ClassVar[tuple[str, ...]] = ()
     uses_untrusted: ClassVar[bool] = False
+    reference: ClassVar[str] = ""
     # Learned attributes that are rebuilt by `_after_load` instead of being saved.
     _unsaved: ClassVar[tuple[str, ...]] = ()
 
@@ -204,6 +211,25 @@ class Detector:
             if name in DETECTORS and DETECTORS[name] is not cls:
                 raise RuntimeError(f"two detectors named {name!r}")
             DETECTORS[name] = cls
+
+    @classmethod
+    def fit_requires(cls) -> tuple[str, ...]:
+        """The keyword inputs `fit` needs, from the declarations: `labels` (supervised),
+        `contrast` (any contrast source)."""
+        return (("labels",) if cls.supervised else ()) + (
+            ("contrast",) if cls.contrast_source != "none" else ()
+        )
+
+    @classmethod
+    def defaults_for(cls, n_trusted: int) -> dict[str, Any]:
+        """Parameters that depend on the trusted-set size (none by default)."""
+        return {}
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first sentence of the class docstring."""
+        doc = inspect.getdoc(cls) or ""
+        return " ".join(doc.split("\n\n")[0].split()).split(". ")[0].rstrip(".")
 
     # parameters -------------------------------------------------------------------------------
 
@@ -244,13 +270,14 @@ class Detector:
             raise MadlensError(f"{self.name or type(self).__name__} is not fitted: call fit first")
 
     def _check_fit_inputs(self, fit_inputs: dict[str, Any]) -> None:
-        unknown = set(fit_inputs) - set(self.fit_requires)
+        required = self.fit_requires()
+        unknown = set(fit_inputs) - set(required)
         if unknown:
             raise MadlensError(
                 f"{self.name} does not take {', '.join(sorted(unknown))} in fit"
-                + (f" (it takes {', '.join(self.fit_requires)})" if self.fit_requires else "")
+                + (f" (it takes {', '.join(required)})" if required else "")
             )
-        missing = [k for k in self.fit_requires if fit_inputs.get(k) is None]
+        missing = [k for k in required if fit_inputs.get(k) is None]
         if missing:
             raise MadlensError(f"{self.name} needs {', '.join(missing)}= in fit")
 

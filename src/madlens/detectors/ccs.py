@@ -205,7 +205,6 @@ class _ContrastProbeDetector(ActivationDetector):
     trusted inputs are assumed truthful, so their mean p(true) is made > 0.5.
     """
 
-    fit_requires = ("contrast",)
     contrast_source = "task"
 
     def __init__(self, var_normalize: bool = False, seed: int = 0, aggregation: str = "mean"):
@@ -245,6 +244,7 @@ class CCSDetector(_ContrastProbeDetector):
     Learned: `location_`, `scale_`, `direction_`, `intercept_`."""
 
     name = "ccs"
+    reference = "Burns et al. 2022, Discovering Latent Knowledge (CCS)"
 
     def _direction(self, pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
         probe = CCS(var_normalize=self.var_normalize, seed=self.seed).fit(pos, neg)
@@ -256,6 +256,7 @@ class CRCTPCDetector(_ContrastProbeDetector):
     normalised differences, scaled so projections have unit spread; score = 1 - p(true)."""
 
     name = "crc-tpc"
+    reference = "Burns et al. 2022, Discovering Latent Knowledge (CRC-TPC)"
 
     def _direction(self, pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, float]:
         direction = crc_tpc_direction(pos, neg, self.var_normalize)

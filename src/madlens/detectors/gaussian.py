@@ -229,6 +229,7 @@ class Mahalanobis(ActivationDetector):
     """
 
     name = "mahalanobis"
+    reference = "Lee et al. 2018, A Simple Unified Framework for Detecting OOD Samples"
     streaming = True
 
     def __init__(

@@ -5,6 +5,8 @@ Owns the kNN detector: a float32 bank of trusted vectors and a running top-k ove
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -40,11 +42,18 @@ class KNN(ActivationDetector):
     """
 
     name = "knn"
+    reference = "Sun et al. 2022, Out-of-Distribution Detection with Deep Nearest Neighbors"
 
     def __init__(self, k: int = 50, normalize: bool = True, aggregation: str = "mean") -> None:
         super().__init__(aggregation=aggregation)
         self.k = k
         self.normalize = normalize
+
+    @classmethod
+    def defaults_for(cls, n_trusted: int) -> dict[str, Any]:
+        """k = 50 as published (for many thousands of trusted vectors), shrunk to a tenth of a
+        small trusted set so that it stays a local statistic."""
+        return {"k": max(1, min(50, n_trusted // 10))}
 
     def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None) -> None:
         if not isinstance(self.k, int) or self.k < 1:

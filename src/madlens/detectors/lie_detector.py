@@ -245,9 +245,9 @@ class LieDetector(Detector):
     """
 
     name = "lie-detector"
-    input_kind = "black-box"
+    input_kind = "transcripts"
     supervised = True
-    fit_requires = ("labels",)
+    reference = "Pacchiardi et al. 2023, How to catch an AI liar"
 
     def __init__(self, groups: tuple[str, ...] | list[str] | None = None, C: float = 1.0) -> None:  # noqa: N803
         self.groups = groups

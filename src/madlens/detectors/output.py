@@ -65,6 +65,7 @@ class MSP(OutputDetector):
     """
 
     name = "msp"
+    reference = "Hendrycks & Gimpel 2017, A Baseline for Detecting Misclassified and OOD Examples"
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
@@ -78,6 +79,7 @@ class MaxLogit(OutputDetector):
     for Real-World Settings")."""
 
     name = "max-logit"
+    reference = "Hendrycks et al. 2022, Scaling Out-of-Distribution Detection"
 
     def __init__(self) -> None:
         pass
@@ -93,6 +95,7 @@ class Energy(OutputDetector):
     """
 
     name = "energy"
+    reference = "Liu et al. 2020, Energy-based Out-of-distribution Detection"
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
@@ -107,6 +110,7 @@ class Entropy(OutputDetector):
     """Entropy of softmax(logits / `temperature`), in nats."""
 
     name = "entropy"
+    reference = "predictive entropy of the next-token distribution"
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
@@ -135,6 +139,7 @@ class Perplexity(OutputDetector):
     """
 
     name = "perplexity"
+    reference = "Jain et al. 2023, Baseline Defenses for Adversarial Attacks (perplexity filter)"
     needs = "token_logprobs"
 
     def __init__(self) -> None:
@@ -156,6 +161,7 @@ class WindowedPerplexity(OutputDetector):
     """
 
     name = "windowed-perplexity"
+    reference = "Jain et al. 2023, Baseline Defenses for Adversarial Attacks (windowed)"
     needs = "token_logprobs"
 
     def __init__(self, window: int = 10) -> None:

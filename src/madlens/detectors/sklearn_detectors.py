@@ -36,6 +36,7 @@ class LOF(ActivationDetector):
     """
 
     name = "lof"
+    reference = "Breunig et al. 2000, LOF (scikit-learn)"
     _unsaved = ("estimator_",)
 
     def __init__(
@@ -84,6 +85,7 @@ class IsolationForest(ActivationDetector):
     """
 
     name = "isolation-forest"
+    reference = "Liu, Ting & Zhou 2008, Isolation Forest (scikit-learn)"
     _unsaved = ("estimator_",)
 
     def __init__(

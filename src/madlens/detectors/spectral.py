@@ -55,6 +55,7 @@ class QUE(ActivationDetector):
     """
 
     name = "que"
+    reference = "Dong, Hopkins & Li 2019, Quantum Entropy Scoring"
     uses_untrusted = True
 
     def __init__(
@@ -101,6 +102,7 @@ class SpectralSignature(ActivationDetector):
     """
 
     name = "spectral"
+    reference = "Tran, Li & Madry 2018, Spectral Signatures in Backdoor Attacks"
     uses_untrusted = True
 
     def __init__(
@@ -139,6 +141,7 @@ class PCAResidual(ActivationDetector):
     """
 
     name = "pca-residual"
+    reference = "Wang et al. 2022, ViM: Out-Of-Distribution with Virtual-logit Matching"
     streaming = True
 
     def __init__(
