@@ -7,6 +7,7 @@ import types
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.special
 import scipy.stats
 import torch
@@ -244,13 +245,95 @@ def test_que_with_alpha_zero_is_mahalanobis_over_d():
     np.testing.assert_allclose(que, md / 10, rtol=1e-9)
 
 
-def test_spectral_direction_is_the_top_principal_component():
+def _spiked_batch(spike_size, seed=24, d=12):
+    """(trusted, untrusted, test): the untrusted batch has a fifth of its rows pushed +-spike
+    along one direction, variance the trusted set never shows; test adds shifted rows."""
+    trusted, mixing = _gaussian(400, d, seed=seed, mean=3.0)
+    rng = np.random.default_rng(seed + 1)
+    untrusted = rng.normal(size=(150, d)) @ mixing + 3.0
+    spike = rng.normal(size=d)
+    untrusted[:30] += (
+        spike_size * rng.choice([-1.0, 1.0], size=(30, 1)) * spike / np.linalg.norm(spike)
+    )
+    test = np.concatenate([untrusted, rng.normal(size=(20, d)) @ mixing + 4.0])
+    return trusted, untrusted, test
+
+
+def _inverse_sqrt(cov):
+    """cov^(-1/2), the symmetric (ZCA) whitening: a different W from the detector's PCA
+    whitening; the scores must not depend on that choice."""
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    return eigvecs @ np.diag(eigvals**-0.5) @ eigvecs.T
+
+
+@pytest.mark.parametrize("alpha", [4.0, 0.5, 30.0])
+@pytest.mark.parametrize("spike_size", [4.0, 0.0])
+def test_que_equals_the_quantum_entropy_formula(alpha, spike_size):
+    """Dong, Hopkins & Li 2019 computed directly: whiten with the trusted mean and the
+    Ledoit-Wolf covariance (sklearn), S_u = ML covariance of the whitened untrusted batch,
+    Q = expm(alpha (S_u - I) / (|S_u|_2 - 1)) / tr(.), tau(x) = z^T Q z. spike_size=0 is an
+    untrusted batch drawn like the trusted set (|S_u|_2 just above 1 by sampling noise)."""
+    trusted, untrusted, test = _spiked_batch(spike_size)
+    d = trusted.shape[1]
+    mu = trusted.mean(0)
+    whiten = _inverse_sqrt(LedoitWolf().fit(trusted).covariance_)
+    s_u = np.cov(((untrusted - mu) @ whiten).T, bias=True)
+    top = np.linalg.norm(s_u, 2)
+    assert top > 1.0 + 1e-3  # the formula is defined (and the detector's own branch taken)
+    q = scipy.linalg.expm(alpha * (s_u - np.eye(d)) / (top - 1.0))
+    q /= np.trace(q)
+    z = (test - mu) @ whiten
+    expected = np.einsum("ij,jk,ik->i", z, q, z)
+    det = D.QUE(alpha=alpha).fit(trusted, untrusted)
+    assert det.untrusted_top_eigenvalue_ == pytest.approx(top, rel=1e-10)
+    np.testing.assert_allclose(det.score(test), expected, rtol=1e-9)
+
+
+def test_que_without_shrinkage_uses_the_ml_covariance():
+    trusted, untrusted, test = _spiked_batch(3.0, seed=26)
+    mu = trusted.mean(0)
+    whiten = _inverse_sqrt(np.cov(trusted.T, bias=True))
+    s_u = np.cov(((untrusted - mu) @ whiten).T, bias=True)
+    q = scipy.linalg.expm(4.0 * (s_u - np.eye(len(s_u))) / (np.linalg.norm(s_u, 2) - 1.0))
+    z = (test - mu) @ whiten
+    expected = np.einsum("ij,jk,ik->i", z, q / np.trace(q), z)
+    ours = D.QUE(shrinkage=None).fit(trusted, untrusted).score(test)
+    np.testing.assert_allclose(ours, expected, rtol=1e-9)
+
+
+def _top_right_singular_vector(x):
+    return np.linalg.svd(x, full_matrices=False)[2][0]
+
+
+def test_spectral_signature_equals_tran_li_madry():
+    """whiten=False: v = top right singular vector of the centred untrusted activations (SVD
+    by numpy), score ((x - mu) . v)^2 with mu the trusted mean (madlens centres on the
+    trusted mean; Tran et al. centre on the batch's own mean, the same v)."""
+    trusted, untrusted, test = _spiked_batch(4.0, seed=28)
+    v = _top_right_singular_vector(untrusted - untrusted.mean(0))
+    expected = ((test - trusted.mean(0)) @ v) ** 2
+    det = D.SpectralSignature(whiten=False).fit(trusted, untrusted)
+    np.testing.assert_allclose(det.score(test), expected, rtol=1e-8)
+    # the same direction PCA finds, and on a batch without excess variance too
     trusted, _ = _gaussian(500, 10, seed=14)
     untrusted, _ = _gaussian(300, 10, seed=15)
-    det = D.SpectralSignature(whiten=False).fit(trusted, untrusted)
     top = PCA(n_components=1).fit(untrusted).components_[0]
     expected = ((untrusted - trusted.mean(0)) @ top) ** 2
+    det = D.SpectralSignature(whiten=False).fit(trusted, untrusted)
     np.testing.assert_allclose(det.score(untrusted), expected, rtol=1e-8)
+
+
+def test_whitened_spectral_signature_is_tran_li_madry_in_whitened_coordinates():
+    """whiten=True: the same formula on z = (x - mu) Sigma^(-1/2), Sigma the trusted
+    Ledoit-Wolf covariance (sklearn)."""
+    trusted, untrusted, test = _spiked_batch(4.0, seed=30)
+    mu = trusted.mean(0)
+    whiten = _inverse_sqrt(LedoitWolf().fit(trusted).covariance_)
+    z_untrusted = (untrusted - mu) @ whiten
+    v = _top_right_singular_vector(z_untrusted - z_untrusted.mean(0))
+    expected = (((test - mu) @ whiten) @ v) ** 2
+    det = D.SpectralSignature().fit(trusted, untrusted)
+    np.testing.assert_allclose(det.score(test), expected, rtol=1e-8)
 
 
 def test_pca_residual_fraction_of_variance():
