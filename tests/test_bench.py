@@ -6,15 +6,17 @@ import pytest
 from browser import dump_dom
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from madlens import bench as bench_module
 from madlens.activations import capture as capture_module
-from madlens.bench import run_bench
+from madlens.bench import format_table, problems, run_bench
 from madlens.bench.runner import default_hooks
 from madlens.cli import main
 from madlens.data import write_jsonl
-from madlens.detectors import DETECTORS
+from madlens.detectors import DETECTORS, QUE
+from madlens.errors import MadlensError
 
-ROW_KEYS = {"task", "detector", "hook", "auroc", "auroc_ci", "ap", "fpr_at_95tpr", "n_normal",
-            "n_anomalous", "fit_s", "score_s"}  # fmt: skip
+ROW_KEYS = {"task", "detector", "hook", "auroc", "auroc_ci", "ap", "fpr_at_95tpr", "tpr_at_1fpr",
+            "n_normal", "n_anomalous", "fit_s", "score_s", "status"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +71,8 @@ def test_metrics_equal_sklearn_on_the_stored_scores(bench_run):
 
 def test_random_strings_are_caught(bench_run):
     _, doc, _ = bench_run
-    best = max(r["auroc"] for r in doc["rows"] if "skyline" not in r["detector"] and r["auroc"])
+    best = max(r["auroc"] for r in doc["rows"]
+               if not DETECTORS[r["detector"]].supervised and r["auroc"])  # fmt: skip
     assert best > 0.9
 
 
@@ -105,3 +108,80 @@ def test_cli_bench_bad_task_file_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "bad.jsonl:2: a test line needs 'label'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_terminal_matrix_fits_a_screen_and_shows_supervised_apart(bench_run):
+    _, doc, results = bench_run
+    text = format_table(doc, results)
+    lines = text.splitlines()
+    assert len(lines) <= len(DETECTORS) + 6
+    assert max(len(line) for line in lines) <= 100
+    supervised_at = lines.index("supervised (cross-fitted):")
+    for name, cls in DETECTORS.items():
+        at = next(i for i, line in enumerate(lines) if line.split()[:1] == [name])
+        assert (at > supervised_at) == cls.supervised
+    maha = next(r for r in doc["rows"] if r["detector"] == "mahalanobis" and "+" in r["hook"])
+    row = next(line for line in lines if line.startswith("mahalanobis "))
+    assert f"{maha['auroc']:.2f}/{maha['tpr_at_1fpr']:.2f}" in row
+    verbose = format_table(doc, results, verbose=True).splitlines()
+    assert len(verbose) == len(doc["rows"]) + 2
+
+
+def test_a_detector_that_raises_is_an_error_row(task_file, monkeypatch):
+    def broken(self, trusted, untrusted, **fit_inputs):
+        raise ValueError("planted failure")
+
+    monkeypatch.setattr(QUE, "_fit", broken)
+    doc, _ = run_bench([], ["que", "mahalanobis"], None, "tiny-test", task_file, quick=True,
+                       progress=False)  # fmt: skip
+    errors = [r for r in doc["rows"] if r["status"] == "error"]
+    assert errors and {r["detector"] for r in errors} == {"que"}
+    assert all(r["auroc"] is None and "planted failure" in r["reason"] for r in errors)
+    assert {r["hook"] for r in errors} == {r["hook"] for r in doc["rows"]
+                                           if r["detector"] == "mahalanobis"}  # fmt: skip
+    found = problems(doc)
+    assert len(found) == len(errors) and "que at" in found[0]
+
+
+def test_untrusted_lines_are_what_batch_detectors_fit_on(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    lines = [{"text": f"A calm sentence, number {i}.", "split": "trusted"} for i in range(30)]
+    lines += [{"text": f"An unlabeled sentence {i}.", "split": "untrusted"} for i in range(7)]
+    lines += [{"text": f"A calm sentence, later {i}.", "split": "test", "label": 0}
+              for i in range(6)]  # fmt: skip
+    lines += [{"text": "".join(rng.choice(list("#@!%")) for _ in range(20)), "split": "test",
+               "label": 1} for _ in range(6)]  # fmt: skip
+    path = write_jsonl(tmp_path / "t.jsonl", lines)
+    seen = []
+    real = QUE._fit
+
+    def spy(self, trusted, untrusted, **fit_inputs):
+        seen.append((len(trusted), len(untrusted)))
+        return real(self, trusted, untrusted, **fit_inputs)
+
+    monkeypatch.setattr(QUE, "_fit", spy)
+    doc, _ = run_bench([], ["que"], None, "tiny-test", path, quick=True, progress=False)
+    assert seen and set(seen) == {(30, 7)}
+    assert all(r["status"] == "ok" for r in doc["rows"])
+
+
+def test_bad_arguments_fail_before_any_task_is_built(task_file, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("a task was built")
+
+    monkeypatch.setattr(bench_module, "build_task", never)
+    for kwargs, message in [
+        ({"detectors": ["nope"]}, "unknown detector 'nope'"),
+        ({"dtype": "float8"}, "unknown dtype 'float8'"),
+        ({"hooks": ["blocks.9.hook_resid_post"]}, "blocks.9"),
+    ]:
+        args = {"tasks": ["ood"], "model": "tiny-test", "progress": False} | kwargs
+        with pytest.raises(MadlensError, match=message):
+            run_bench(**args)
+
+
+def test_per_head_hooks_are_read_as_vectors(task_file):
+    doc, _ = run_bench([], ["mahalanobis", "knn"], ["blocks.1.attn.hook_z"], "tiny-test",
+                       task_file, quick=True, progress=False)  # fmt: skip
+    assert {r["hook"] for r in doc["rows"]} == {"blocks.1.attn.hook_z"}
+    assert all(r["status"] == "ok" and r["auroc"] > 0.5 for r in doc["rows"])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from madlens.activations.positions import Encoded, check_position, encode
+from madlens.activations.positions import Encoded, check_position, encode, hook_shapes
 from madlens.activations.store import (
     LOGITS,
     LOGPROBS,
@@ -21,9 +21,10 @@ from madlens.activations.store import (
     Activations,
     cache_key,
     chunk_to_tensors,
-    data_hash,
     iter_cached,
 )
+from madlens.cache import folder as cache_folder
+from madlens.cache import touch
 from madlens.errors import MadlensError
 
 Input = str | list[dict[str, str]] | list[int]  # text, conversation or token ids
@@ -144,6 +145,7 @@ def _prepare(model: Any, inputs: Sequence[Input], hooks: Sequence[str], position
         raise MadlensError("no inputs to extract activations from")
     check_position(position)
     hooks = model.check_hooks(list(hooks)) if hooks else []
+    hook_shapes(model, hooks, position)  # a hook the position cannot read fails here
     return list(inputs), hooks
 
 
@@ -190,13 +192,15 @@ def stream(
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     limit = min(max_length or model.n_ctx, model.n_ctx)
     dtype = str(model.dtype).removeprefix("torch.")
-    key = cache_key(model.fingerprint, dtype, position, data_hash(inputs), limit)
+    key = cache_key(model.fingerprint, dtype, position, inputs, limit)
     meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype}
     meta |= {"position": position, "n_inputs": len(inputs), "max_length": limit}
     cache = ActivationCache(root / key, meta)
     wanted = list(hooks) + ([LOGITS] if logits else []) + ([LOGPROBS] if logprobs else [])
     missing = [name for name in wanted if not cache.has(name)]
-    if missing:
+    if not missing:
+        touch(cache.root)
+    else:
         _fill(model, inputs, cache, missing, position, batch_size, padding_side, limit, strict,
               progress)  # fmt: skip
     yield from iter_cached(cache, list(hooks), position, logits, logprobs)
@@ -218,14 +222,19 @@ def _fill(
     hooks = [m for m in missing if m not in (LOGITS, LOGPROBS)]
     writers = {name: cache.writer(name) for name in missing}
     desc = f"activations ({model.name}, {position})"
-    with tqdm(total=len(inputs), desc=desc, unit="input", disable=not progress) as bar:
-        for start in range(0, len(encoded), CHUNK):
-            chunk = _compute_chunk(
-                model, encoded[start : start + CHUNK], hooks, position, batch_size,
-                padding_side, LOGITS in missing, LOGPROBS in missing, bar,
-            )  # fmt: skip
-            for name, writer in writers.items():
-                writer.write(chunk_to_tensors(chunk, name))
+    try:
+        with tqdm(total=len(inputs), desc=desc, unit="input", disable=not progress) as bar:
+            for start in range(0, len(encoded), CHUNK):
+                chunk = _compute_chunk(
+                    model, encoded[start : start + CHUNK], hooks, position, batch_size,
+                    padding_side, LOGITS in missing, LOGPROBS in missing, bar,
+                )  # fmt: skip
+                for name, writer in writers.items():
+                    writer.write(chunk_to_tensors(chunk, name))
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
     for writer in writers.values():
         writer.close()
 
@@ -283,6 +292,4 @@ def extract(
 
 
 def _default_cache_dir() -> Path:
-    from madlens.models import madlens_home
-
-    return madlens_home() / "activations"
+    return cache_folder("activations")

@@ -1,7 +1,6 @@
 """`Activations` (the rows captured per hook) and their on-disk cache: safetensors shards
 keyed by model fingerprint + hook + position spec + data hash, read back as a stream."""
 
-import hashlib
 import json
 import re
 import shutil
@@ -12,9 +11,13 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from madlens import cache
+
 LOGITS = "output.logits"
 LOGPROBS = "output.token_logprobs"
-FORMAT_VERSION = 2  # 2: a conversation's log-probs cover its last message only
+# 2: a conversation's log-probs cover its last message only; 3: madlens.cache keys, and a
+# hook's folder appears whole (renamed into place) or not at all
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -65,17 +68,10 @@ class Activations:
         )
 
 
-def data_hash(inputs: list) -> str:
-    """A stable hash of the inputs (texts or conversations)."""
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cache_key(
-    fingerprint: str, dtype: str, position: str, inputs_hash: str, max_length: int
-) -> str:
+def cache_key(fingerprint: str, dtype: str, position: str, inputs: list, max_length: int) -> str:
     """The cache folder name for one (model, dtype, position, data, context) combination."""
-    blob = json.dumps([FORMAT_VERSION, fingerprint, dtype, position, inputs_hash, max_length])
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache.key(format=FORMAT_VERSION, model=fingerprint, dtype=dtype, position=position,
+                     inputs=inputs, max_length=max_length)  # fmt: skip
 
 
 def _slot(name: str) -> str:
@@ -84,8 +80,9 @@ def _slot(name: str) -> str:
 
 class ActivationCache:
     """One cache entry: a folder per hook (and per output statistic) of shard files, each
-    shard holding a consecutive chunk of inputs. A hook is complete once its `done` file is
-    written, so an interrupted run never leaves a half cache that looks whole."""
+    shard holding a consecutive chunk of inputs. A hook's shards are written into a
+    temporary folder renamed into place when complete, so an interrupted run never leaves
+    a half cache that looks whole."""
 
     def __init__(self, root: Path, meta: dict) -> None:
         self.root = Path(root)
@@ -93,16 +90,15 @@ class ActivationCache:
 
     def has(self, name: str) -> bool:
         """Whether hook (or output statistic) `name` is fully cached."""
-        return (self.root / _slot(name) / "done").is_file()
+        return (self.root / _slot(name)).is_dir()
 
     def writer(self, name: str) -> "ShardWriter":
-        """A writer for `name`'s shards (replacing any partial ones)."""
-        folder = self.root / _slot(name)
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        (self.root / "meta.json").write_text(json.dumps(self.meta, indent=1))
-        return ShardWriter(folder)
+        """A writer for `name`'s shards; they appear under the hook's name on `close`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "meta.json").is_file():
+            with cache.atomic(self.root / "meta.json") as tmp:
+                tmp.write_text(json.dumps(self.meta, indent=1))
+        return ShardWriter(self.root / _slot(name))
 
     def shards(self, name: str) -> list[Path]:
         """The shard files of `name`, in input order."""
@@ -110,21 +106,29 @@ class ActivationCache:
 
 
 class ShardWriter:
-    """Appends shards to one hook's folder and marks it complete."""
+    """Appends shards to a temporary folder and renames it to the hook's folder on `close`
+    (an interrupted writer leaves only a `.partial-*` folder, which no reader opens)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._writing = cache.atomic(folder)
+        self.tmp = self._writing.__enter__()
+        self.tmp.mkdir()
         self.count = 0
 
     def write(self, tensors: dict[str, np.ndarray]) -> None:
         """Write one shard (a dict of contiguous arrays)."""
-        path = self.folder / f"shard-{self.count:05d}.safetensors"
+        path = self.tmp / f"shard-{self.count:05d}.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
         self.count += 1
 
     def close(self) -> None:
-        """Mark the hook complete."""
-        (self.folder / "done").write_text(str(self.count))
+        """Put the complete folder in place."""
+        self._writing.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Drop what was written."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def chunk_to_tensors(chunk: Activations, name: str) -> dict[str, np.ndarray]:

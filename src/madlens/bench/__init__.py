@@ -16,7 +16,9 @@ from madlens.bench.runner import (
     results_json,
     run_task,
 )
+from madlens.detectors import DETECTORS
 from madlens.errors import MadlensError
+from madlens.models import load_model, parse_hooks, resolve_dtype
 from madlens.tasks import TASKS, Task, TaskCheckError, build_task, load_task_file
 
 
@@ -34,9 +36,12 @@ def run_bench(
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`.
 
-    A task whose planted behaviour did not take is left out (with a warning) and listed
-    under `failed_tasks`; the caller decides whether that is an error."""
+    Detector names, hooks and dtype are checked before any task is built (a bad one costs
+    no fine-tune). A task whose planted behaviour did not take is left out (with a warning)
+    and listed under `failed_tasks`; a detector that raised is an `error` row; `problems`
+    lists both, and the caller decides whether they are an error."""
     detectors = detectors or default_detectors()
+    check_bench_args(detectors, hooks, model, dtype)
     if task_file is not None:
         chosen: list[Task | str] = [load_task_file(task_file, model)]
         chosen += list(tasks or [])
@@ -68,31 +73,89 @@ def run_bench(
     return doc, results
 
 
+def check_bench_args(
+    detectors: list[str], hooks: list[str] | None, model: str, dtype: str
+) -> None:
+    """Fail with one line on an unknown detector, dtype or hook, before any work."""
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown:
+        raise MadlensError(f"unknown detector '{unknown[0]}'; known: {', '.join(DETECTORS)}")
+    resolve_dtype(dtype)
+    if hooks:
+        lm = load_model(model, dtype=dtype)
+        lm.check_hooks(parse_hooks(",".join(hooks), lm.n_layers))
+
+
+def problems(doc: dict[str, Any]) -> list[str]:
+    """What went wrong in a bench run: tasks left out, and detectors that raised."""
+    found = list(doc.get("failed_tasks", {}).values())
+    found += [f"{r['task']}: {r['detector']} at {r['hook']} failed: {r['reason']}"
+              for r in doc["rows"] if r.get("status") == "error"]  # fmt: skip
+    return found
+
+
 def _json_default(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def format_table(doc: dict[str, Any], results: list[TaskResult]) -> str:
-    """The terminal table: headline rows (multi-hook aggregate and output detectors)."""
+def format_table(doc: dict[str, Any], results: list[TaskResult], verbose: bool = False) -> str:
+    """The terminal summary: a detectors x tasks matrix of the headline AUROC and recall at
+    1% FPR, label-free detectors first and supervised ones apart; `verbose` gives the full
+    table of headline rows (with each anomaly kind's rows and bootstrap CIs)."""
+    if not verbose:
+        return format_matrix(doc, results)
     multi = {res.task.name: headline_hook(res) for res in results}
-    lines = [f"{'task':<28}{'detector':<26}{'hook':<14}{'AUROC':>7}  {'95% CI':<13}{'AP':>6}"
-             f"{'FPR@95':>8}"]  # fmt: skip
+    lines = [f"{'task':<28}{'detector':<26}{'hook':<28}{'AUROC':>7}  {'95% CI':<13}{'AP':>6}"
+             f"{'FPR@95':>8}{'R@1%':>7}"]  # fmt: skip
     lines.append("-" * len(lines[0]))
     for row in doc["rows"]:
         base = row["task"].split("/")[0]
-        if row.get("status") == "n/a":
-            lines.append(f"{row['task']:<28}{row['detector']:<26}{'n/a':<14}{'n/a':>7}  "
-                         f"{row['reason']}")  # fmt: skip
-            continue
-        if row["hook"] not in ("output", "black-box", multi.get(base)):
+        if row.get("status", "ok") != "ok":
+            lines.append(f"{row['task']:<28}{row['detector']:<26}{row['hook'][:27]:<28}"
+                         f"{row['status']:>7}  {row['reason']}")  # fmt: skip
             continue
         hook = "multi" if row["hook"] == multi.get(base) and "+" in row["hook"] else row["hook"]
         lo, hi = row["auroc_ci"]
         ci = f"[{_f(lo, 2)}, {_f(hi, 2)}]"
-        lines.append(f"{row['task']:<28}{row['detector']:<26}{hook[:13]:<14}{_f(row['auroc']):>7}"
-                     f"  {ci:<13}{_f(row['ap'], 2):>6}{_f(row['fpr_at_95tpr'], 2):>8}")  # fmt: skip
+        lines.append(f"{row['task']:<28}{row['detector']:<26}{hook[:27]:<28}{_f(row['auroc']):>7}"
+                     f"  {ci:<13}{_f(row['ap'], 2):>6}{_f(row['fpr_at_95tpr'], 2):>8}"
+                     f"{_f(row['tpr_at_1fpr'], 2):>7}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def format_matrix(doc: dict[str, Any], results: list[TaskResult]) -> str:
+    """Detectors (rows) x tasks (columns): `AUROC/recall@1%FPR` of each headline row."""
+    multi = {res.task.name: headline_hook(res) for res in results}
+    tasks = [res.task.name for res in results]
+    cells: dict[tuple[str, str], str] = {}
+    for row in doc["rows"]:
+        task, status = row["task"], row.get("status", "ok")
+        if task not in multi:  # a per-kind row (`ood/base64`): verbose only
+            continue
+        if status == "ok" and row["hook"] not in ("output", "black-box", multi[task]):
+            continue
+        cell = status if status != "ok" else f"{_f(row['auroc'], 2)}/{_f(row['tpr_at_1fpr'], 2)}"
+        cells.setdefault((row["detector"], task), cell)
+    names = list(dict.fromkeys(det for det, _ in cells))
+    free = [n for n in names if not DETECTORS[n].supervised]
+    supervised = [n for n in names if DETECTORS[n].supervised]
+    first = max([len(n) for n in names] + [24]) + 1
+    widths = [max(len(t), 9) + 1 for t in tasks]
+    header = "AUROC/recall@1%FPR".ljust(first) + "".join(
+        t.rjust(w) for t, w in zip(tasks, widths)
+    )  # fmt: skip
+    lines = [header, "-" * len(header)]
+    for group, title in ((free, "label-free"), (supervised, "supervised (cross-fitted)")):
+        if not group:
+            continue
+        lines.append(f"{title}:")
+        for det in group:
+            lines.append(det.ljust(first) + "".join(
+                cells.get((det, t), "").rjust(w) for t, w in zip(tasks, widths)))  # fmt: skip
+    lines.append("headline rows: multi-hook aggregate, logits or follow-up answers; "
+                 "--verbose: every row")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -100,4 +163,13 @@ def _f(x: float, digits: int = 3) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-__all__ = ["TaskResult", "default_hooks", "format_table", "render_report", "run_bench"]
+__all__ = [
+    "TaskResult",
+    "check_bench_args",
+    "default_hooks",
+    "format_matrix",
+    "format_table",
+    "problems",
+    "render_report",
+    "run_bench",
+]

@@ -1,5 +1,6 @@
 """The bench runner: tasks x detectors x hooks -> one results row each (AUROC with its
-bootstrap CI, AP, FPR@95TPR, timings), plus the scores the report plots."""
+bootstrap CI, AP, FPR@95TPR, recall at 1% FPR, timings, status), plus the scores the report
+plots. It asks each detector what it needs (its declarations), never switches on names."""
 
 import time
 import warnings
@@ -95,14 +96,17 @@ def unavailable(name: str, task: Task) -> str | None:
     return None
 
 
-def na_row(task: Task, detector: str, reason: str) -> dict[str, Any]:
-    """A results row for a detector that cannot run on the task: no metrics, a reason."""
+def na_row(
+    task: Task, detector: str, reason: str, hook: str = "n/a", status: str = "n/a"
+) -> dict[str, Any]:
+    """A results row without metrics: `n/a` (the detector cannot run on the task) or `error`
+    (it raised), with the reason."""
     nan2 = [None, None]
     return {
-        "task": task.name, "detector": detector, "hook": "n/a", "auroc": None, "auroc_ci": nan2,
+        "task": task.name, "detector": detector, "hook": hook, "auroc": None, "auroc_ci": nan2,
         "ap": None, "fpr_at_95tpr": None, "tpr_at_1fpr": None,
         "n_normal": int((task.labels == 0).sum()), "n_anomalous": int(task.labels.sum()),
-        "fit_s": 0.0, "score_s": 0.0, "status": "n/a", "reason": reason,
+        "fit_s": 0.0, "score_s": 0.0, "status": status, "reason": reason,
     }  # fmt: skip
 
 
@@ -119,6 +123,7 @@ def _two_fold(labels: np.ndarray, seed: int) -> list[np.ndarray]:
 def _fit_score(
     name: str,
     trusted: Any,
+    untrusted: Any,
     test: Any,
     labels: np.ndarray,
     contrast: Any,
@@ -126,8 +131,9 @@ def _fit_score(
 ) -> tuple[np.ndarray, float, float]:
     """Fit one detector and score the test set; returns (scores, fit_s, score_s).
 
-    Skylines see labels, so they are cross-fitted: trained on one half of the test set and
-    scored on the other, both ways."""
+    Supervised detectors see labels, so they are cross-fitted: trained on one half of the
+    test set and scored on the other, both ways. Detectors that use the unlabeled untrusted
+    batch fit on it."""
     cls = DETECTORS[name]
     if cls.supervised:
         scores = np.zeros(len(labels))
@@ -144,7 +150,7 @@ def _fit_score(
     extra = {"contrast": contrast} if cls.contrast_source != "none" else {}
     start = time.perf_counter()
     det = get_detector(name, **cls.defaults_for(_n_rows(trusted))).fit(
-        trusted, test if cls.uses_untrusted else None, **extra
+        trusted, untrusted if cls.uses_untrusted else None, **extra
     )
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -172,7 +178,7 @@ def _row(task: str, detector: str, hook: str, labels: np.ndarray, scores: np.nda
         "auroc_ci": metrics["auroc_ci"], "ap": metrics["ap"],
         "fpr_at_95tpr": metrics["fpr_at_95tpr"], "tpr_at_1fpr": metrics["tpr_at_1fpr"],
         "n_normal": metrics["n_normal"], "n_anomalous": metrics["n_anomalous"],
-        "fit_s": round(fit_s, 4), "score_s": round(score_s, 4),
+        "fit_s": round(fit_s, 4), "score_s": round(score_s, 4), "status": "ok",
     }  # fmt: skip
 
 
@@ -204,16 +210,24 @@ def run_task(
     kw = {"logits": want_outputs, "logprobs": want_outputs, "progress": progress}
     trusted = extract(model, task.trusted, hooks, task.position, **kw)
     test = extract(model, task.test, hooks, task.position, **kw)
+    # Batch detectors fit on the task's unlabeled untrusted inputs; without them, on the
+    # unlabeled test batch itself (a deployment scoring a batch has it too).
+    if task.untrusted is None or task.untrusted == task.test:
+        untrusted = test
+    elif any(DETECTORS[d].uses_untrusted for d in detectors):
+        untrusted = extract(model, task.untrusted, hooks, task.position, progress=progress)
+    else:
+        untrusted = None
     generic = any(DETECTORS[d].contrast_source == "generic" for d in detectors)
     contrast = _contrast(model, hooks, progress) if generic else None
     from_task = [d for d in detectors if DETECTORS[d].contrast_source == "task"]
     task_contrast = _task_contrast(model, task, hooks, progress) if from_task else None
     labels = task.labels
-    jobs: list[tuple[str, str, Any, Any, Any]] = []
+    jobs: list[tuple[str, str, Any, Any, Any, Any]] = []
     for name in detectors:
         if DETECTORS[name].input_kind == "outputs":
             jobs.append((name, "output", OutputStats(trusted.logits, trusted.token_logprobs),
-                         OutputStats(test.logits, test.token_logprobs), None))  # fmt: skip
+                         None, OutputStats(test.logits, test.token_logprobs), None))  # fmt: skip
             continue
         if DETECTORS[name].input_kind == "transcripts":
             # It queries the model with follow-up questions; it never sees activations.
@@ -222,23 +236,29 @@ def run_task(
             fit_rows = (elicitation_features(model, known, progress=progress) if known
                         else np.empty((0, len(QUESTIONS))))  # fmt: skip
             test_rows = elicitation_features(model, task.test, progress=progress)
-            jobs.append((name, "black-box", fit_rows, test_rows, None))
+            jobs.append((name, "black-box", fit_rows, None, test_rows, None))
             continue
         pairs = task_contrast if name in from_task else contrast
+        pairs = None if pairs is None else ContrastPairs(_rows(pairs.positive),
+                                                         _rows(pairs.negative))  # fmt: skip
+        x_trusted, x_test = _rows(trusted.acts), _rows(test.acts)
+        x_untrusted = None if untrusted is None else _rows(untrusted.acts)
         for hook in hooks:
             pair = None if pairs is None else ContrastPairs(
                 pairs.positive[hook], pairs.negative[hook])  # fmt: skip
-            jobs.append((name, hook, trusted[hook], test[hook], pair))
+            hook_untrusted = None if x_untrusted is None else x_untrusted[hook]
+            jobs.append((name, hook, x_trusted[hook], hook_untrusted, x_test[hook], pair))
         if len(hooks) > 1:
-            jobs.append((name, multi_hook_name(hooks), dict(trusted.acts), dict(test.acts),
-                         pairs))  # fmt: skip
-    for name, hook, x_trusted, x_test, pair in tqdm(
+            jobs.append((name, multi_hook_name(hooks), x_trusted, x_untrusted, x_test, pairs))
+    for name, hook, x_trusted, x_untrusted, x_test, pair in tqdm(
         jobs, desc=f"detectors ({task.name})", disable=not progress
     ):
         try:
-            scores, fit_s, score_s = _fit_score(name, x_trusted, x_test, labels, pair, seed)
-        except MadlensError as exc:
-            warnings.warn(f"{task.name}: {name} at {hook} failed: {exc}", stacklevel=2)
+            scores, fit_s, score_s = _fit_score(name, x_trusted, x_untrusted, x_test, labels,
+                                                pair, seed)  # fmt: skip
+        except Exception as exc:  # any failure becomes an `error` row, never a lost row
+            reason = str(exc) if isinstance(exc, MadlensError) else f"{type(exc).__name__}: {exc}"
+            result.rows.append(na_row(task, name, reason, hook=hook, status="error"))
             continue
         result.scores[(name, hook)] = scores
         result.rows.append(_row(task.name, name, hook, labels, scores, fit_s, score_s,
@@ -249,6 +269,12 @@ def run_task(
                                     scores[keep], fit_s, score_s, n_resamples, seed))  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _rows(acts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One row per input at every hook: hooks with per-head axes (`attn.hook_z`, ...) are
+    flattened to `n x d`, since every activation detector reads vectors."""
+    return {hook: x.reshape(len(x), -1) for hook, x in acts.items()}
 
 
 def _anomalous_groups(task: Task) -> list[str]:

@@ -1,8 +1,6 @@
 """Automatic IOI circuit discovery: name movers, S-inhibition, induction, duplicate- and
 previous-token heads found by path patching, then the circuit's faithfulness and completeness."""
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +8,9 @@ from typing import Any
 
 import torch
 
+from madlens.cache import folder as cache_folder
+from madlens.cache import key as cache_key
+from madlens.cache import load_or_compute
 from madlens.circuits import patching
 from madlens.circuits.ioi import POSITION_NAMES, IOIDataset, make_ioi
 from madlens.circuits.patching import Head, PatchingSession
@@ -213,8 +214,8 @@ class ResultCache:
         self.base = base
 
     def key(self, name: str, params: Any) -> str:
-        blob = json.dumps([FORMAT_VERSION, self.base, name, params], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+        """The cache key of experiment `name` run with `params`."""
+        return cache_key(format=FORMAT_VERSION, base=self.base, experiment=name, params=params)
 
     def get(
         self, name: str, params: Any, compute: Callable[[], dict[str, torch.Tensor]]
@@ -222,25 +223,14 @@ class ResultCache:
         """The cached tensors of experiment `name`, computing and storing them if missing."""
         if self.root is None:
             return compute()
-        from safetensors.torch import load_file, save_file
-
         path = self.root / f"{name.replace(' ', '_')}-{self.key(name, params)}.safetensors"
-        if path.is_file():
-            return load_file(str(path))
-        result = compute()
-        self.root.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({k: v.contiguous() for k, v in result.items()}, str(partial))
-        partial.replace(path)
-        return result
+        return load_or_compute(path, compute, as_torch=True)
 
 
 def data_hash(data: IOIDataset) -> str:
     """A hash of the prompt pairs as the model sees them (tokens, answers, positions)."""
-    digest = hashlib.sha256()
-    for tensor in (data.tokens, data.corrupted_tokens, data.answers, data.end, data.template_ids):
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return cache_key(tokens=data.tokens, corrupted=data.corrupted_tokens, answers=data.answers,
+                     end=data.end, templates=data.template_ids)  # fmt: skip
 
 
 def _select(
@@ -301,13 +291,11 @@ def discover_ioi(
     its template to measure faithfulness, and the circuit is knocked out for completeness.
     Each experiment is cached on disk (MADLENS_HOME/circuits, or `cache_dir`).
     """
-    from madlens.models import madlens_home
-
     data = data if data is not None else make_ioi(model.tokenizer, n_prompts, seed)
     n_layers, n_heads = model.n_layers, int(model.bridge.cfg.n_heads)
     max_heads = max_heads if max_heads is not None else max(1, (n_layers * n_heads) // 10)
     dtype = str(model.dtype).removeprefix("torch.")
-    root = None if not cache else Path(cache_dir or madlens_home() / "circuits")
+    root = None if not cache else Path(cache_dir or cache_folder("circuits"))
     store = ResultCache(root, [model.fingerprint, dtype, data_hash(data)])
     state: dict[str, PatchingSession] = {}
 

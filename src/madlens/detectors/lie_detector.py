@@ -6,8 +6,6 @@ Pacchiardi et al. 2023, "How to Catch an AI Liar". The questions are madlens's o
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +14,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
+from madlens.cache import folder, key, load_or_compute
 from madlens.detectors.base import Detector, as_matrix
 from madlens.detectors.probes import _labelled
 from madlens.errors import MadlensError
@@ -209,28 +208,19 @@ def elicitation_features(
             f"the lie detector reads transcripts ending with an assistant answer; input {bad[0]} "
             "is not one"
         )
-    path = None
-    if cache:
-        from madlens.models import madlens_home
+    name = key(model=model.fingerprint, dtype=str(model.dtype), transcripts=list(transcripts),
+               questions=list(questions))  # fmt: skip
+    path = folder("lie_features") / f"{name}.safetensors" if cache else None
 
-        blob = json.dumps([model.fingerprint, str(model.dtype), list(transcripts),
-                           list(questions)], sort_keys=True)  # fmt: skip
-        path = madlens_home() / "lie_features" / f"{hashlib.sha256(blob.encode()).hexdigest()}.npy"
-        if path.is_file():
-            return np.load(path)
-    yes, no = yes_no_token_ids(model.tokenizer)
-    run = _features_shared if method == "shared" else _features_naive
-    rows = [run(model, t, questions, yes, no)
-            for t in tqdm(transcripts, desc="lie-detector questions", unit="transcript",
-                          disable=not progress)]  # fmt: skip
-    features = np.stack(rows).astype(np.float64)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: an interrupted run must not leave a partial file to be read.
-        tmp = path.with_name(path.stem + ".partial.npy")
-        np.save(tmp, features)
-        tmp.replace(path)
-    return features
+    def compute() -> dict[str, np.ndarray]:
+        yes, no = yes_no_token_ids(model.tokenizer)
+        run = _features_shared if method == "shared" else _features_naive
+        rows = [run(model, t, questions, yes, no)
+                for t in tqdm(transcripts, desc="lie-detector questions", unit="transcript",
+                              disable=not progress)]  # fmt: skip
+        return {"features": np.stack(rows).astype(np.float64)}
+
+    return load_or_compute(path, compute)["features"]
 
 
 class LieDetector(Detector):

@@ -2,25 +2,22 @@
 firing latents is given each latent's firing frequency on trusted data).
 
 Without a pretrained SAE, `fit` trains a small seeded TopK SAE on the trusted activations
-(shared between the two detectors through a small in-process memo, so a bench pays once);
+(cached on disk by the trusted data and the SAE's parameters, so that the two detectors, and
+a rerun, pay once);
 `sae=DIR` loads a madlens / SAELens SAE for the one hook it was trained on instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
+from madlens import cache
 from madlens.detectors.base import ActivationDetector, Activations
 from madlens.errors import MadlensError
-
-_MEMO: OrderedDict[tuple, dict[str, np.ndarray]] = OrderedDict()
-_MEMO_SIZE = 64
 
 
 def _fit_small_sae(trusted: np.ndarray, latents: int, k: int, steps: int, seed: int) -> Any:
@@ -90,23 +87,23 @@ class _SAEDetector(ActivationDetector):
             state["k"] = np.array(model.cfg.k if isinstance(model, TopKSAE) else 0)
             state["apply_b_dec"] = np.array(int(model.cfg.apply_b_dec_to_input))
         else:
-            key = (hashlib.sha256(np.ascontiguousarray(trusted).tobytes()).hexdigest(),
-                   trusted.shape, self.latents, self.k, self.steps, self.seed)  # fmt: skip
-            if key not in _MEMO:
-                k = max(1, min(self.k, self.latents))
+            k = max(1, min(self.k, self.latents))
+            name = cache.key(trusted=trusted, latents=self.latents, k=k, steps=self.steps,
+                             seed=self.seed)  # fmt: skip
+
+            def train() -> dict[str, np.ndarray]:
                 model = _fit_small_sae(trusted, self.latents, k, self.steps, self.seed)
-                _MEMO[key] = _weights(model)
-                _MEMO[key] |= {"k": np.array(k), "apply_b_dec": np.array(1)}
-                while len(_MEMO) > _MEMO_SIZE:
-                    _MEMO.popitem(last=False)
-            _MEMO.move_to_end(key)
-            state = _MEMO[key]
+                return _weights(model) | {"k": np.array(k), "apply_b_dec": np.array(1)}
+
+            state = cache.load_or_compute(cache.folder("sae_detectors") / f"{name}.safetensors",
+                                          train)  # fmt: skip
         self.W_enc_ = state["W_enc"].astype(np.float32)
         self.b_enc_ = state["b_enc"].astype(np.float32)
         self.W_dec_ = state["W_dec"].astype(np.float32)
         self.b_dec_ = state["b_dec"].astype(np.float32)
-        self.topk_ = int(state["k"])
-        self.apply_b_dec_ = int(state["apply_b_dec"])
+        # 0-d arrays come back from safetensors as 1-element arrays
+        self.topk_ = int(state["k"].reshape(-1)[0])
+        self.apply_b_dec_ = int(state["apply_b_dec"].reshape(-1)[0])
         latents = self._latents(trusted)
         fired = (latents > 0).sum(0)
         self.frequency_ = ((fired + 1.0) / (len(trusted) + 2.0)).astype(np.float64)

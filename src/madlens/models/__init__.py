@@ -13,7 +13,6 @@ from madlens.models.hooks import (
 )
 from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
 from madlens.models.registry import DEFAULT_MODEL, KNOWN_MODELS, ModelInfo, known_model_names
-from madlens.models.smollm2 import madlens_home
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,7 +25,6 @@ __all__ = [
     "known_model_names",
     "load_hf",
     "load_model",
-    "madlens_home",
     "mlp_out",
     "parse_hooks",
     "resid_post",

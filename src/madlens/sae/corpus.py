@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
-import json
 import random
 import sys
 import sysconfig
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from madlens import cache
 from madlens.errors import MadlensError
 
 DEFAULT = "default"
@@ -176,8 +176,7 @@ def pack(
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of the vocabulary (windows of token ids are only valid for one tokenizer)."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
+    return cache.key(vocab=sorted(tokenizer.get_vocab().items()))
 
 
 def _corpus_key(spec: str, tokenizer: Any, context_size: int, n_windows: int, seed: int) -> str:
@@ -191,9 +190,8 @@ def _corpus_key(spec: str, tokenizer: Any, context_size: int, n_windows: int, se
         files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
         source = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
         source = source or spec
-    blob = json.dumps([spec, source, tokenizer_fingerprint(tokenizer), context_size, n_windows,
-                       seed])  # fmt: skip
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache.key(spec=spec, source=source, tokenizer=tokenizer_fingerprint(tokenizer),
+                     context_size=context_size, n_windows=n_windows, seed=seed)  # fmt: skip
 
 
 def build_corpus(
@@ -209,16 +207,11 @@ def build_corpus(
     """`(windows, context_size)` token ids holding about `tokens` tokens of corpus `spec`,
     cached as a `.npy` file (the default corpus takes a minute or two to read)."""
     n_windows = max(1, -(-tokens // context_size))
-    if cache_dir is None:
-        from madlens.models import madlens_home
+    root = Path(cache_dir) if cache_dir is not None else cache.folder("corpora")
+    path = root / f"{_corpus_key(spec, tokenizer, context_size, n_windows, seed)}.safetensors"
 
-        cache_dir = madlens_home() / "corpora"
-    path = Path(cache_dir) / f"{_corpus_key(spec, tokenizer, context_size, n_windows, seed)}.npy"
-    if path.is_file():
-        return np.load(path)
-    windows, _ = pack(read_documents(spec, seed), tokenizer, context_size, n_windows, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial.npy")
-    np.save(tmp, windows)
-    tmp.rename(path)
-    return windows
+    def compute() -> dict[str, np.ndarray]:
+        windows, _ = pack(read_documents(spec, seed), tokenizer, context_size, n_windows, progress)
+        return {"windows": windows}
+
+    return cache.load_or_compute(path, compute)["windows"]

@@ -1,10 +1,8 @@
 """LoRA fine-tuning (peft) of a base model on chat examples, cached by a hash of the base
 weights, the config and the data; plus cached greedy generation for self-distillation."""
 
-import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,8 +11,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from madlens import cache
 from madlens.data import Message, format_chat
-from madlens.models import generate, load_hf, madlens_home
+from madlens.models import generate, load_hf
 
 Example = tuple[list[Message], str]  # (prompt conversation, assistant response)
 
@@ -36,10 +35,6 @@ class LoraConfig:
     )
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _encode(tokenizer: Any, prompt: list[Message], response: str, max_length: int):
     """Token ids of the whole transcript and labels that score only the response (and its
     end-of-turn token); the prompt's labels are -100."""
@@ -57,10 +52,21 @@ def finetune_lora(
     """Train a LoRA adapter on `examples` and return its dir (read from cache when the same
     base weights, config and data were trained before)."""
     model, tokenizer, fingerprint = load_hf(base, "float32")
-    key = _key(fingerprint, asdict(config), examples)
-    out = madlens_home() / "adapters" / key
-    if (out / "adapter_config.json").is_file():
-        return out
+    out = cache.folder("adapters") / cache.key(base=fingerprint, config=config, data=examples)
+    return cache.load_or_build_dir(
+        out, lambda tmp: _train(model, tokenizer, base, examples, config, progress, tmp)
+    )
+
+
+def _train(
+    model: Any,
+    tokenizer: Any,
+    base: str,
+    examples: list[Example],
+    config: LoraConfig,
+    progress: bool,
+    out: Path,
+) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -106,11 +112,8 @@ def finetune_lora(
         # Linear decay to 10% keeps the last steps from undoing what the first learned.
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate * (1 - 0.9 * (step + 1) / config.steps)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    peft_model.save_pretrained(tmp)
-    (tmp / "madlens_finetune.json").write_text(
+    peft_model.save_pretrained(out)
+    (out / "madlens_finetune.json").write_text(
         json.dumps(
             {
                 "base": base,
@@ -121,21 +124,18 @@ def finetune_lora(
             indent=1,
         )  # fmt: skip
     )
-    tmp.rename(out)
-    return out
 
 
 def cached_generate(
     model: Any, conversations: list[list[Message]], max_new_tokens: int = 32, progress: bool = True
 ) -> list[str]:
     """Greedy answers to `conversations`, cached by model fingerprint, prompts and length."""
-    key = _key(model.fingerprint, str(model.dtype), conversations, max_new_tokens)
-    path = madlens_home() / "generations" / f"{key}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    prompts = [format_chat(model.tokenizer, conv) for conv in conversations]
-    answers = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
-    answers = [a.strip() for a in answers]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(answers))
-    return answers
+    name = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=conversations,
+                     max_new_tokens=max_new_tokens)  # fmt: skip
+
+    def answer() -> list[str]:
+        prompts = [format_chat(model.tokenizer, conv) for conv in conversations]
+        answers = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+        return [a.strip() for a in answers]
+
+    return cache.load_or_compute(cache.folder("generations") / f"{name}.json", answer)

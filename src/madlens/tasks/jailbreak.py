@@ -1,14 +1,13 @@
 """`jailbreak-suffix`: natural requests against the same requests with (a) GCG suffixes
 optimised against the model, (b) random-token suffixes, (c) role-play framings."""
 
-import hashlib
-import json
 import random
 
 import numpy as np
 
+from madlens import cache
 from madlens.data.generators import english_questions
-from madlens.models import load_hf, load_model, madlens_home
+from madlens.models import load_hf, load_model
 from madlens.tasks.base import Task
 from madlens.tasks.finetune import cached_generate
 from madlens.tasks.gcg import GCGConfig, _allowed_tokens, gcg_suffix
@@ -68,15 +67,13 @@ def _user(text: str) -> list[dict[str, str]]:
 def _suffixes(model: str, prompts: list[list[str]], config: GCGConfig, progress: bool):
     """One universal GCG suffix per prompt group, cached on disk."""
     hf, tokenizer, fingerprint = load_hf(model, "float32")
-    blob = json.dumps([fingerprint, prompts, TARGET, config.__dict__], sort_keys=True)
-    path = madlens_home() / "gcg" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.json"
-    if path.is_file():
-        return json.loads(path.read_text()), tokenizer, hf
-    hf.requires_grad_(False)
-    found = [gcg_suffix(hf, tokenizer, group, TARGET, config, progress) for group in prompts]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(found))
-    return found, tokenizer, hf
+    name = cache.key(model=fingerprint, prompts=prompts, target=TARGET, config=config)
+
+    def search() -> list:
+        hf.requires_grad_(False)
+        return [gcg_suffix(hf, tokenizer, group, TARGET, config, progress) for group in prompts]
+
+    return cache.load_or_compute(cache.folder("gcg") / f"{name}.json", search), tokenizer, hf
 
 
 def build_jailbreak_suffix(
