@@ -1,4 +1,8 @@
-"""Every registered detector separates a planted anomaly in synthetic data (AUROC > 0.95)."""
+"""Every registered detector separates a planted anomaly in synthetic data (AUROC > 0.95).
+
+Detectors fitted on contrast pairs get pairs drawn apart from the test set (their own rows,
+their own draw of a generic direction that only partly shares the anomaly's direction), never
+the test set's own mean difference; a control checks that unrelated pairs fail."""
 
 import numpy as np
 import pytest
@@ -17,11 +21,15 @@ def _base(rng, n):
     return rng.normal(size=(n, D_MODEL)) @ mixing + 4.0
 
 
+def _unit(v):
+    return v / np.linalg.norm(v)
+
+
 def mean_shift(rng):
     trusted, normal, anomalous = _base(rng, N_TRUSTED), _base(rng, N_TEST), _base(rng, N_TEST)
-    direction = rng.normal(size=D_MODEL)
-    anomalous += 3.0 * direction / np.linalg.norm(direction) * np.sqrt(D_MODEL) / 2
-    return trusted, normal, anomalous
+    direction = _unit(rng.normal(size=D_MODEL))
+    anomalous += 3.0 * direction * np.sqrt(D_MODEL) / 2
+    return trusted, normal, anomalous, direction
 
 
 def rare_direction(rng):
@@ -34,16 +42,16 @@ def rare_direction(rng):
 
     trusted, normal, anomalous = draw(N_TRUSTED), draw(N_TEST), draw(N_TEST)
     anomalous += 2.0 * off
-    return trusted, normal, anomalous
+    return trusted, normal, anomalous, off
 
 
 def low_rank_spike(rng):
     """Anomalies carry +-4 along one direction: variance the trusted set never shows."""
     trusted, normal, anomalous = _base(rng, N_TRUSTED), _base(rng, N_TEST), _base(rng, N_TEST)
-    direction = rng.normal(size=D_MODEL)
+    direction = _unit(rng.normal(size=D_MODEL))
     signs = rng.choice([-1.0, 1.0], size=(N_TEST, 1))
-    anomalous += 4.0 * signs * direction / np.linalg.norm(direction)
-    return trusted, normal, anomalous
+    anomalous += 4.0 * signs * direction
+    return trusted, normal, anomalous, direction
 
 
 SCENARIOS = {
@@ -64,6 +72,30 @@ SCENARIOS = {
 }
 
 
+def generic_contrast(seed, concept, alignment=0.6, n_pairs=8, scale=4.0, noise=0.3):
+    """Contrast pairs drawn on their own: fresh rows (not the test set's), the two sides of a
+    pair one row apart by `scale` times a generic direction g plus independent noise on each
+    side. g's cosine with the planted `concept` is `alignment`, the rest an independent
+    random direction: the pairs carry a partial copy of the anomaly's direction, as generic
+    yes/no questions carry a model's "defection" direction; with alignment 0 none of it."""
+    rng = np.random.default_rng(1000 + seed)
+    other = rng.normal(size=D_MODEL)
+    other = _unit(other - (other @ concept) * concept)
+    generic = alignment * concept + np.sqrt(1 - alignment**2) * other
+    rows = _base(rng, n_pairs)
+    positive = rows + scale * generic + noise * rng.normal(size=rows.shape)
+    negative = rows + noise * rng.normal(size=rows.shape)
+    return D.ContrastPairs(positive=positive, negative=negative)
+
+
+def contrast_for(name, seed, concept, alignment=0.6):
+    """8 generic pairs for the defection probe (as the bench asks 8 generic questions); 32 for
+    the task-pair probes (CCS, CRC-TPC), which are fitted on a task's many pairs and need more
+    pairs than dimensions to pin a direction down."""
+    n_pairs = 32 if D.DETECTORS[name].contrast_source == "task" else 8
+    return generic_contrast(seed, concept, alignment, n_pairs=n_pairs)
+
+
 def test_every_activation_detector_has_a_scenario():
     activation = {n for n, c in D.DETECTORS.items() if c.input_kind == "activations"}
     assert activation == set(SCENARIOS)
@@ -72,17 +104,15 @@ def test_every_activation_detector_has_a_scenario():
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 @pytest.mark.parametrize("multi_hook", [False, True])
 def test_activation_detector_separates_planted_anomaly(name, multi_hook):
-    rng = np.random.default_rng(sorted(SCENARIOS).index(name))
-    trusted, normal, anomalous = SCENARIOS[name](rng)
+    seed = sorted(SCENARIOS).index(name)
+    rng = np.random.default_rng(seed)
+    trusted, normal, anomalous, concept = SCENARIOS[name](rng)
     test = np.concatenate([normal, anomalous])
     fit_inputs = {}
     if "labels" in D.DETECTORS[name].fit_requires():
         fit_inputs["labels"] = LABELS
     if "contrast" in D.DETECTORS[name].fit_requires():
-        # 8 contrast pairs whose "yes" side differs by the same direction as the anomalies
-        pairs = _base(rng, 8)
-        shift = anomalous.mean(0) - normal.mean(0)
-        fit_inputs["contrast"] = D.ContrastPairs(positive=pairs + shift, negative=pairs)
+        fit_inputs["contrast"] = contrast_for(name, seed, concept)
     if multi_hook:
         # a second hook that only carries noise, at another scale: aggregation must cope
         noise = rng.normal(size=(N_TRUSTED + 2 * N_TEST, D_MODEL)) * 100 + 7
@@ -93,13 +123,14 @@ def test_activation_detector_separates_planted_anomaly(name, multi_hook):
         test = {"blocks.0.hook_resid_post": noise[N_TRUSTED:], "blocks.1.hook_resid_post": test}
         if "contrast" in fit_inputs:
             pairs = fit_inputs["contrast"]
+            n = len(pairs.positive)
             fit_inputs["contrast"] = D.ContrastPairs(
                 positive={
-                    "blocks.0.hook_resid_post": noise[:8],
+                    "blocks.0.hook_resid_post": noise[:n],
                     "blocks.1.hook_resid_post": pairs.positive,
                 },
                 negative={
-                    "blocks.0.hook_resid_post": noise[8:16],
+                    "blocks.0.hook_resid_post": noise[n : 2 * n],
                     "blocks.1.hook_resid_post": pairs.negative,
                 },
             )
@@ -108,6 +139,21 @@ def test_activation_detector_separates_planted_anomaly(name, multi_hook):
     assert score.shape == (2 * N_TEST,)
     threshold = 0.8 if multi_hook else 0.95  # a pure-noise hook dilutes the mean
     assert auroc(LABELS, score) > threshold, name
+
+
+# CCS is left out: its direction is only ~0.75 aligned with the pairs' own (the rest follows
+# the rows' spread), so with unrelated pairs it still lands near the anomaly by chance at
+# some seeds; the defection probe and CRC-TPC take the pairs' direction exactly.
+@pytest.mark.parametrize("name", ["crc-tpc", "defection-probe"])
+def test_contrast_pairs_without_the_anomaly_direction_do_not_separate_it(name):
+    """The control that shows the planted test could fail: pairs drawn the same way but along
+    a direction orthogonal to the anomaly's give a chance-level AUROC."""
+    seed = sorted(SCENARIOS).index(name)
+    trusted, normal, anomalous, concept = SCENARIOS[name](np.random.default_rng(seed))
+    test = np.concatenate([normal, anomalous])
+    contrast = contrast_for(name, seed, concept, alignment=0.0)
+    score = D.get_detector(name).fit(trusted, test, contrast=contrast).score(test)
+    assert abs(auroc(LABELS, score) - 0.5) < 0.2, name
 
 
 def _peaked_and_flat_logits(rng, n=200, vocab=50):
