@@ -19,6 +19,7 @@ from madlens.bench.runner import (
 from madlens.detectors import DETECTORS
 from madlens.errors import MadlensError
 from madlens.models import load_model, parse_hooks, resolve_dtype
+from madlens.models.registry import DEFAULT_MODEL
 from madlens.tasks import TASKS, Task, TaskCheckError, build_task, load_task_file
 
 
@@ -26,7 +27,7 @@ def run_bench(
     tasks: list[str] | None = None,
     detectors: list[str] | None = None,
     hooks: list[str] | None = None,
-    model: str = "smollm2-135m-instruct",
+    model: str = DEFAULT_MODEL,
     task_file: str | Path | None = None,
     quick: bool = False,
     out: str | Path | None = None,

@@ -17,19 +17,30 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise MadlensError(f"{path}: no such file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MadlensError(f"{path}: cannot read ({exc.strerror})") from exc
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise MadlensError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise MadlensError(f"{path}:{number}: expected a JSON object")
-            record["_line"] = number
-            records.append(record)
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise MadlensError(
+                f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line)"
+            ) from exc
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MadlensError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        except RecursionError as exc:
+            raise MadlensError(f"{path}:{number}: JSON nested too deeply") from exc
+        if not isinstance(record, dict):
+            raise MadlensError(f"{path}:{number}: expected a JSON object")
+        record["_line"] = number
+        records.append(record)
     if not records:
         raise MadlensError(f"{path}: the file is empty")
     return records
@@ -39,14 +50,27 @@ def record_input(record: dict[str, Any], where: str) -> str | list[dict[str, str
     """The model input of one record: its `text`, or its `messages` conversation."""
     if "messages" in record:
         try:
-            return validate_messages(record["messages"], where)
+            messages = validate_messages(record["messages"], where)
         except ValueError as exc:
             raise MadlensError(str(exc)) from exc
+        for message in messages:
+            _check_encodable(message["content"], where)
+        return messages
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
             raise MadlensError(f"{where}: 'text' must be a non-empty string")
-        return record["text"]
+        return _check_encodable(record["text"], where)
     raise MadlensError(f"{where}: each line needs a 'text' or a 'messages' field")
+
+
+def _check_encodable(text: str, where: str) -> str:
+    """JSON can spell an unpaired surrogate (`"\\ud800"`), which is no text a tokenizer
+    can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise MadlensError(f"{where}: the text holds an unpaired surrogate ({exc.reason})") from exc
+    return text
 
 
 def read_inputs(path: str | Path) -> list[str | list[dict[str, str]]]:

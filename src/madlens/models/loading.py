@@ -18,9 +18,9 @@ import torch
 from madlens.errors import MadlensError
 from madlens.models import smollm2, tiny
 from madlens.models.hooks import check_hooks
-from madlens.models.registry import DEFAULT_MODEL, known_model_names
+from madlens.models.registry import DEFAULT_MODEL, DTYPE_NAMES, known_model_names
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 @dataclass

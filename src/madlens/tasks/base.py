@@ -62,12 +62,14 @@ class Task:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A registered task: its builder `build(model, quick, seed, progress) -> Task`."""
+    """A registered task: its builder `build(model, quick, seed, progress) -> Task`, whether
+    it fine-tunes a LoRA adapter, and the paper whose setup it follows."""
 
     name: str
     description: str
     build: Callable[..., Task]
     needs_finetune: bool = False
+    reference: str = ""
 
 
 def require(name: str, condition: bool, message: str, enforce: bool = True) -> None:

@@ -22,7 +22,7 @@ from madlens.detectors.ccs import (
     sign_fixed,
 )
 from madlens.errors import MadlensError
-from madlens.models import resid_post
+from madlens.models import parse_hooks, resid_post
 
 METHODS = ("ccs", "crc-tpc", "random", "logistic", "zero-shot")
 TRANSFER_METHODS = ("ccs", "crc-tpc", "logistic")
@@ -45,6 +45,24 @@ def check_datasets(names: list[str]) -> list[str]:
             f"unknown truth dataset '{unknown[0]}'; known: {', '.join(TRUTH_DATASETS)}"
         )
     return list(dict.fromkeys(names))
+
+
+def check_transfer_hook(
+    model: Any, names: list[str] | None, hooks: list[str] | None = None
+) -> str | None:
+    """The one hook (or layer number) `names` gives for the transfer matrix, checked to be
+    one of the swept `hooks` (default: `default_truth_hooks`); None when none is given."""
+    if names is None:
+        return None
+    parsed = parse_hooks(",".join(names), model.n_layers)
+    if len(parsed) != 1:
+        raise MadlensError(f"the transfer matrix takes one hook, got {len(parsed)}")
+    swept = hooks or default_truth_hooks(model.n_layers)
+    if parsed[0] not in swept:
+        raise MadlensError(
+            f"transfer hook {parsed[0]} is not one of the swept hooks ({', '.join(swept)})"
+        )
+    return parsed[0]
 
 
 def _split(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,29 +1,28 @@
-"""`madlens sae ...` (train, dashboard) and `madlens explain`: typer commands for SAEs.
-Thin: parse options, call one library function, print a summary; heavy imports inside."""
+"""`madlens sae train|dashboard` and `madlens explain`: train sparse autoencoders, browse
+their features, and list the features that fired on an input."""
 
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from madlens.errors import check_output
+from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir, output_file
+from madlens.models.registry import DEFAULT_MODEL
 
-sae_app = typer.Typer(help="Sparse autoencoders: train, browse features.", no_args_is_help=True)
-MODEL_HELP = "model name, HF id or local dir"
+app = typer.Typer(help="Sparse autoencoders: train, browse features.", no_args_is_help=True)
+SAE_MODEL_HELP = "model name, HF id or local dir (default: the SAE's cfg model)"
+CORPUS_HELP = (
+    "'default' (offline Python docs), a .txt/.md/.jsonl file or folder, or a Hugging Face "
+    "dataset name"
+)
 
 
-@sae_app.command("train")
+@app.command("train")
 def train(
     hook: Annotated[str, typer.Option(help="hook name, or a layer number (its resid_post)")],
-    out: Annotated[Path, typer.Option(help="output dir (cfg.json, sae_weights, metrics.json)")],
-    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "smollm2-135m-instruct",
-    corpus: Annotated[
-        str,
-        typer.Option(
-            help="'default' (offline Python docs), a .txt/.jsonl file or folder, "
-            "or a Hugging Face dataset name"
-        ),  # fmt: skip
-    ] = "default",
+    out: OutDir,
+    model: Model = DEFAULT_MODEL,
+    corpus: Annotated[str, typer.Option(help=CORPUS_HELP)] = "default",
     tokens: Annotated[int, typer.Option(min=2, help="training tokens")] = 2_000_000,
     architecture: Annotated[str, typer.Option(help="topk or relu")] = "topk",
     k: Annotated[int, typer.Option(min=1, help="TopK: latents firing per token")] = 32,
@@ -32,13 +31,14 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Adam rate (default: scaled to size)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="activations per step")] = 1024,
     context_size: Annotated[int, typer.Option(min=2, help="tokens per window")] = 128,
-    dtype: Annotated[str, typer.Option(help="capture dtype: bfloat16 or float32")] = "bfloat16",
-    seed: Annotated[int, typer.Option()] = 0,
+    dtype: Dtype = "bfloat16",
+    seed: Seed = 0,
 ) -> None:
-    """Train an SAE on one hook's activations; writes SAELens-format files and metrics.json."""
+    """Train an SAE on one hook's activations; writes SAELens-format files (cfg.json,
+    sae_weights.safetensors, sparsity.safetensors) and metrics.json."""
     from madlens.sae.train import TrainConfig, train_on_model
 
-    check_output(out, directory=True)
+    output_dir(out)
     config = TrainConfig(architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1,
                          lr=lr, batch_size=batch_size, seed=seed)  # fmt: skip
     metrics = train_on_model(model, hook, out, corpus=corpus, tokens=tokens,
@@ -54,19 +54,19 @@ def train(
     typer.echo(f"wrote {out} in {metrics['total_seconds']:.0f} s")
 
 
-@sae_app.command("dashboard")
+@app.command("dashboard")
 def dashboard(
     sae: Annotated[Path, typer.Option(help="SAE dir (cfg.json + sae_weights.safetensors)")],
     out: Annotated[Path, typer.Option(help="output HTML file")],
-    model: Annotated[str | None, typer.Option(help="default: the SAE's cfg model")] = None,
+    model: Annotated[str | None, typer.Option(help=SAE_MODEL_HELP)] = None,
     corpus: Annotated[str, typer.Option(help="text the features are shown on")] = "default",
     tokens: Annotated[int, typer.Option(min=2, help="tokens of corpus to scan")] = 65_536,
-    dtype: Annotated[str, typer.Option(help="capture dtype")] = "bfloat16",
+    dtype: Dtype = "bfloat16",
 ) -> None:
     """Write a self-contained feature dashboard (index by density, contexts, logit effects)."""
     from madlens.sae.dashboard import dashboard_for_sae
 
-    check_output(out, directory=False)
+    output_file(out)
     path = dashboard_for_sae(sae, out, model=model, corpus=corpus, tokens=tokens, dtype=dtype)
     typer.echo(f"wrote {path}")
 
@@ -74,26 +74,15 @@ def dashboard(
 def explain(
     sae: Annotated[Path, typer.Option(help="SAE dir (with sparsity.safetensors)")],
     text: Annotated[str, typer.Option(help="the input to explain")],
-    model: Annotated[str | None, typer.Option(help="default: the SAE's cfg model")] = None,
+    model: Annotated[str | None, typer.Option(help=SAE_MODEL_HELP)] = None,
     dashboard: Annotated[str | None, typer.Option(help="dashboard HTML to link into")] = None,
     top: Annotated[int, typer.Option(min=1, help="features to list")] = 10,
-    dtype: Annotated[str, typer.Option(help="model dtype")] = "bfloat16",
+    dtype: Dtype = "bfloat16",
 ) -> None:
     """List the SAE features that fired on an input, rarest first, with dashboard links."""
-    from madlens.errors import MadlensError
-    from madlens.models import load_model
-    from madlens.sae.explain import explain_text, feature_density
-    from madlens.sae.io import load_sae
+    from madlens.sae.explain import explain_sae
 
-    sae_model = load_sae(sae)
-    density = feature_density(sae)
-    name = model or sae_model.cfg.metadata.get("model_name")
-    hook = sae_model.cfg.metadata.get("hook_name")
-    if not name or not hook:
-        raise MadlensError(f"{sae}: cfg.json names no model_name / hook_name; pass --model")
-    lm = load_model(name, dtype=dtype)
-    hook = lm.check_hooks([hook])[0]
-    hits = explain_text(lm, sae_model, density, text, hook, top)
+    hook, hits = explain_sae(sae, text, model=model, top=top, dtype=dtype)
     typer.echo(f"{len(hits)} rarest features on {hook} (density on the SAE's training data):")
     for hit in hits:
         link = f"  {dashboard}#feature-{hit.feature}" if dashboard else ""

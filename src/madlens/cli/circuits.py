@@ -1,27 +1,24 @@
-"""`madlens circuits ...`: the typer sub-app for circuit discovery. Thin: parses options,
-calls one library function, prints a summary; heavy imports stay inside the commands."""
+"""`madlens circuits ioi`: find and measure a model's indirect-object-identification
+circuit by activation and path patching."""
 
-from pathlib import Path
+import time
 from typing import Annotated
 
 import typer
 
-circuits_app = typer.Typer(
-    help="Circuit discovery by activation and path patching.", no_args_is_help=True
-)
+from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir
+from madlens.models.registry import DEFAULT_MODEL
+
+app = typer.Typer(help="Circuit discovery by activation and path patching.", no_args_is_help=True)
 
 
-@circuits_app.command("ioi")
+@app.command("ioi")
 def ioi(
-    out: Annotated[Path, typer.Option(help="output directory (circuit.json, report.html)")],
-    model: Annotated[str, typer.Option(help="model name, HF id or local dir")] = (
-        "smollm2-135m-instruct"
-    ),
-    dtype: Annotated[str, typer.Option(help="bfloat16 (fast on CPU) or float32 (exact)")] = (
-        "bfloat16"
-    ),
+    out: OutDir,
+    model: Model = DEFAULT_MODEL,
+    dtype: Dtype = "bfloat16",
     n_prompts: Annotated[int, typer.Option(min=2, help="IOI prompt pairs")] = 50,
-    seed: Annotated[int, typer.Option(help="seed of the IOI prompts")] = 0,
+    seed: Seed = 0,
     threshold: Annotated[
         float, typer.Option(min=0.0, help="smallest |normalised effect| a head needs")
     ] = 0.03,
@@ -38,12 +35,11 @@ def ioi(
 
     Writes OUT/circuit.json (heads by class, faithfulness, completeness) and OUT/report.html.
     """
-    import time
-
     from madlens.circuits.discovery import discover_ioi
     from madlens.circuits.report import write_outputs
     from madlens.models import load_model
 
+    output_dir(out)
     start = time.perf_counter()
     lm = load_model(model, dtype=dtype)
     result = discover_ioi(

@@ -1,0 +1,66 @@
+"""Typed options the commands share (model, dtype, hooks, out, seed) and the small parsers
+that turn their strings into names, failing on a list that names nothing."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from madlens.errors import MadlensError, check_output
+from madlens.models.registry import DTYPE_NAMES
+
+
+def _check_dtype(value: str | None) -> str | None:
+    if value is not None and value not in DTYPE_NAMES:
+        raise typer.BadParameter(f"unknown dtype '{value}'; choose one of {', '.join(DTYPE_NAMES)}")
+    return value
+
+
+Model = Annotated[str, typer.Option(help="model name, Hugging Face id (org/name) or local dir")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="float32 (exact), bfloat16 (about 3x faster on CPU) or float16",
+        callback=_check_dtype,
+    ),  # fmt: skip
+]
+Hooks = Annotated[
+    str | None,
+    typer.Option(
+        help="comma-separated hook names; integers mean resid_post layers (negative: from the "
+        "end), all-resid every layer"
+    ),  # fmt: skip
+]
+OutDir = Annotated[Path, typer.Option(help="output directory")]
+Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="random seed")]
+
+
+def names(value: str | None, option: str) -> list[str] | None:
+    """The names of a comma-separated option, or None when it was not given. A list that
+    names nothing (`--tasks ,`) is an error, never "all"."""
+    if value is None:
+        return None
+    found = [part.strip() for part in value.split(",") if part.strip()]
+    if not found:
+        raise MadlensError(f"--{option} '{value}' names nothing; give comma-separated names")
+    return found
+
+
+def output_dir(path: Path) -> Path:
+    """Fail before any work when `path` cannot become an output directory: it is a file, or
+    a file stands where one of its parents should be."""
+    check_output(path, directory=True)
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MadlensError(f"cannot create output directory {path}: {parent} is a file")
+            break
+    return path
+
+
+def output_file(path: Path) -> Path:
+    """Fail before any work when `path` cannot become an output file: it is a directory, or
+    a file stands where its folder should be."""
+    check_output(path, directory=False)
+    output_dir(Path(path).parent)
+    return path
