@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q pytorch-ood==0.4.0 --no-deps
 	# sae-lens (test reference) pins transformer-lens<4; its SAE classes run on 4.x
 	$(BIN)/pip install -q sae-lens==6.54.12 --no-deps
+	$(BIN)/pip install -q --no-deps nanogcg==0.3.0  # GCG test reference
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
+import torch
 
 from madlens.data import write_jsonl
 from madlens.errors import MadlensError
+from madlens.models.tiny import tiny_tokenizer
 from madlens.tasks import TASKS, TaskCheckError, build_task, finetune, load_task_file
 
 
@@ -146,3 +148,175 @@ def test_fact_domains():
         assert not any(is_true(f, f.answer(lie=True)) for f in rows)
     niger = Fact("cities", "In which country is the city of Niamey?", "Niger", "Chad", "{}")
     assert not is_true(niger, "Niamey is in Nigeria.") and is_true(niger, "It is in niger.")
+
+
+# --- GCG: one step against a hand computation in plain torch and against nanogcg -------------
+
+GCG_PROMPTS = ["Say hi", "Tell me a joke"]
+GCG_TARGET = "Sure, here"
+
+
+@pytest.fixture(scope="module")
+def gcg_model():
+    """tiny-test's weights in float64: autocast (bfloat16 on CPU) leaves float64 ops alone, so
+    the attack runs at full precision and can be compared exactly with a hand computation."""
+    from madlens.models.tiny import tiny_model
+
+    return tiny_model(dtype=torch.float64).requires_grad_(False), tiny_tokenizer()
+
+
+def _gcg_split(tokenizer, prompt, suffix):
+    """(before, suffix, after, target) token ids of the chat with `suffix` (token ids) at the
+    end of the user turn, from tokenizing the whole conversation text at once."""
+    suffix_text = tokenizer.decode(suffix)
+    content = f"{prompt} {suffix_text}"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    cut = text.index(content) + len(prompt) + 1
+    ids = tokenizer(text + GCG_TARGET, add_special_tokens=False).input_ids
+    n_before = len(tokenizer(text[:cut], add_special_tokens=False).input_ids)
+    n_target = len(tokenizer(GCG_TARGET, add_special_tokens=False).input_ids)
+    before, rest = ids[:n_before], ids[n_before:]
+    assert rest[: len(suffix)] == list(suffix)  # byte-level: the suffix tokens survive
+    return before, rest[: len(suffix)], rest[len(suffix) : -n_target], rest[-n_target:]
+
+
+def _gcg_hand_loss(model, tokenizer, suffix):
+    """Mean over prompts of the target's cross-entropy, one plain forward per prompt."""
+    losses = []
+    for prompt in GCG_PROMPTS:
+        before, sfx, after, target = _gcg_split(tokenizer, prompt, suffix)
+        ids = torch.tensor([before + sfx + after + target])
+        with torch.no_grad():
+            logits = model(ids).logits[0]
+        n = len(target)
+        logprobs = logits[-n - 1 : -1].log_softmax(-1)
+        losses.append(-logprobs[torch.arange(n), torch.tensor(target)].mean())
+    return float(torch.stack(losses).mean())
+
+
+def _gcg_hand_gradient(model, tokenizer, suffix, prompt):
+    """d loss / d one-hot(suffix) for one prompt: (n_tokens, vocab)."""
+    before, sfx, after, target = _gcg_split(tokenizer, prompt, suffix)
+    embed = model.get_input_embeddings().weight
+    one_hot = torch.nn.functional.one_hot(torch.tensor(sfx), embed.shape[0]).to(embed.dtype)
+    one_hot.requires_grad_(True)
+    inputs = torch.cat([embed[before], one_hot @ embed, embed[after + target]])[None]
+    logits = model(inputs_embeds=inputs).logits[0]
+    n = len(target)
+    loss = torch.nn.functional.cross_entropy(logits[-n - 1 : -1], torch.tensor(target))
+    (grad,) = torch.autograd.grad(loss, one_hot)
+    return grad
+
+
+def _printable_ascii_tokens(tokenizer):
+    """Byte-level tokenizer: the suffix may use the 94 visible ASCII characters, '!'..'~'."""
+    vocab = tokenizer.get_vocab()
+    return sorted(vocab[chr(c)] for c in range(0x21, 0x7F))
+
+
+def test_gcg_loss_and_gradient_match_nanogcg(gcg_model):
+    """nanogcg (the reference GCG implementation) computes the same target loss and one-hot
+    gradient as the hand computation on the same token split."""
+    from nanogcg.gcg import GCG
+    from nanogcg.gcg import GCGConfig as NanoConfig
+    from nanogcg.utils import get_nonascii_toks
+
+    model, tokenizer = gcg_model
+    allowed = set(_printable_ascii_tokens(tokenizer))
+    suffix = [tokenizer.get_vocab()[c] for c in "x!y?z("]
+    # nanogcg's allowed tokens are printable ASCII; madlens also drops the space
+    banned = set(get_nonascii_toks(tokenizer).tolist())
+    nano_allowed = set(range(len(tokenizer))) - banned
+    assert allowed == nano_allowed - {tokenizer.get_vocab()["Ġ"]}
+    attack = GCG(model, tokenizer, NanoConfig(use_prefix_cache=False, verbosity="WARNING"))
+    embed = model.get_input_embeddings()
+    losses = []
+    for prompt in GCG_PROMPTS:
+        before, sfx, after, target = _gcg_split(tokenizer, prompt, suffix)
+        attack.before_embeds, attack.after_embeds, attack.target_embeds = (
+            embed(torch.tensor([ids])) for ids in (before, after, target)
+        )
+        attack.target_ids = torch.tensor([target])
+        theirs = attack.compute_token_gradient(torch.tensor([sfx]))[0]
+        ours = _gcg_hand_gradient(model, tokenizer, suffix, prompt)
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+        inputs = torch.cat([attack.before_embeds, embed(torch.tensor([sfx])),
+                            attack.after_embeds, attack.target_embeds], dim=1)  # fmt: skip
+        with torch.no_grad():
+            losses.append(attack._compute_candidates_loss_original(1, inputs)[0])
+    assert float(torch.stack(losses).mean()) == pytest.approx(
+        _gcg_hand_loss(model, tokenizer, suffix), rel=1e-10
+    )
+
+
+def test_one_gcg_step_equals_a_hand_computation(gcg_model):
+    """One step by hand: the random start suffix (the attack's own seeded draws), the summed
+    one-hot gradient over the prompts, its top-k most negative tokens per position among the
+    allowed ones, the candidates (one swap each), their losses and the best one kept."""
+    from madlens.tasks.gcg import GCGConfig, _allowed_tokens, gcg_suffix
+
+    model, tokenizer = gcg_model
+    config = GCGConfig(n_tokens=6, steps=1, top_k=4, candidates=12, seed=0)
+    allowed = _printable_ascii_tokens(tokenizer)
+    assert _allowed_tokens(tokenizer, len(tokenizer)).nonzero()[:, 0].tolist() == allowed
+    generator = torch.Generator().manual_seed(config.seed)
+    pool = torch.tensor(allowed)
+    suffix = pool[torch.randint(len(pool), (config.n_tokens,), generator=generator)]
+    positions = torch.randint(config.n_tokens, (config.candidates,), generator=generator)
+    choice = torch.randint(config.top_k, (config.candidates,), generator=generator)
+
+    grad = sum(_gcg_hand_gradient(model, tokenizer, suffix.tolist(), p) for p in GCG_PROMPTS)
+    ranked = pool[grad[:, pool].argsort(dim=1)]  # most negative gradient first
+    top = ranked[:, : config.top_k]
+    candidates = []
+    for position, k in zip(positions.tolist(), choice.tolist()):
+        candidate = suffix.tolist()
+        candidate[position] = int(top[position, k])
+        candidates.append(candidate)
+    losses = [_gcg_hand_loss(model, tokenizer, c) for c in candidates]
+    best = int(np.argmin(losses))
+    start_loss = _gcg_hand_loss(model, tokenizer, suffix.tolist())
+    assert losses[best] < start_loss  # this seed's step improves: the update is taken
+
+    text, loss = gcg_suffix(model, tokenizer, GCG_PROMPTS, GCG_TARGET, config, progress=False)
+    assert loss == pytest.approx(losses[best], rel=1e-6)  # float32 logits in `_losses`
+    assert text == tokenizer.decode(candidates[best])
+    # the kept swap's token is among the top-k gradient tokens at its position
+    changed = [i for i in range(config.n_tokens) if candidates[best][i] != suffix[i]]
+    assert len(changed) == 1 and candidates[best][changed[0]] in top[changed[0]].tolist()
+
+
+def test_gcg_losses_under_bfloat16_autocast_track_float32(tiny_hf):
+    """The attack's batched losses run under bfloat16 autocast: within 2% of a float32 hand
+    computation on the same suffixes (right-padded batch of several prompts)."""
+    from madlens.tasks.gcg import _batch, _losses, _pieces
+
+    tokenizer = tiny_tokenizer()
+    suffixes = torch.tensor([[tokenizer.get_vocab()[c] for c in s] for s in ("abc!?x", "Q#z~1_")])
+    pieces = [_pieces(tokenizer, p, GCG_TARGET) for p in GCG_PROMPTS]
+    for (before, after, target), prompt in zip(pieces, GCG_PROMPTS):
+        assert (before, after, target) == tuple(
+            _gcg_split(tokenizer, prompt, suffixes[0].tolist())[i] for i in (0, 2, 3)
+        )
+    ids, mask, spans = _batch(pieces, suffixes)
+    ours = _losses(tiny_hf, ids, mask, spans).view(len(suffixes), len(GCG_PROMPTS)).mean(1)
+    for i, suffix in enumerate(suffixes.tolist()):
+        expected = _gcg_hand_loss(tiny_hf, tokenizer, suffix)
+        assert float(ours[i]) == pytest.approx(expected, rel=0.02)
+
+
+def test_gcg_without_an_improving_candidate_reports_the_kept_suffix_loss(gcg_model):
+    """A step whose one candidate is worse keeps the start suffix; the loss returned is that
+    suffix's loss (it was inf before: the start suffix's loss was never recorded)."""
+    from madlens.tasks.gcg import GCGConfig, gcg_suffix
+
+    model, tokenizer = gcg_model
+    config = GCGConfig(n_tokens=6, steps=1, top_k=90, candidates=1, seed=0)
+    text, loss = gcg_suffix(model, tokenizer, GCG_PROMPTS, GCG_TARGET, config, progress=False)
+    generator = torch.Generator().manual_seed(config.seed)
+    pool = torch.tensor(_printable_ascii_tokens(tokenizer))
+    start = pool[torch.randint(len(pool), (config.n_tokens,), generator=generator)].tolist()
+    assert text == tokenizer.decode(start)
+    assert loss == pytest.approx(_gcg_hand_loss(model, tokenizer, start), rel=1e-6)

@@ -106,6 +106,6 @@ def gcg_suffix(
         ids, mask, spans = _batch(pieces, candidates)
         losses = _losses(model, ids, mask, spans).view(config.candidates, len(pieces)).mean(1)
         best = int(losses.argmin())
-        if losses[best].item() < min(best_loss, total / len(pieces)):
+        if losses[best].item() < (best_loss := min(best_loss, total / len(pieces))):
             suffix, best_loss = candidates[best], losses[best].item()
     return tokenizer.decode(suffix.tolist()), best_loss
