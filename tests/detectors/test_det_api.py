@@ -1,6 +1,7 @@
 """The shared detector API: registry, estimator conventions, save/load, hooks, input checks."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -152,6 +153,70 @@ def test_load_checks_the_class_and_the_folder(tmp_path):
         D.load_detector(tmp_path / "missing")
     with pytest.raises(MadlensError, match="not fitted"):
         D.KNN().save(tmp_path / "unfitted")
+
+
+def _corrupt(folder, config=None, state=None):
+    if config is not None:
+        (folder / "detector.json").write_bytes(config)
+    if state is not None:
+        (folder / "state.safetensors").write_bytes(state)
+
+
+@pytest.mark.parametrize(
+    "config, state, message",
+    [
+        (b"{not json", None, "detector.json is not valid JSON"),
+        (b"\xff\xfe\x00", None, "detector.json is not valid JSON"),
+        (b"[1, 2]", None, "must hold a JSON object"),
+        (b'{"format": 1, "detector": "knn", "params": [], "state": {}}', None,
+         "'params' must be a dict"),
+        (b'{"format": 1, "detector": "knn", "params": {"kk": 3}, "state": {}}', None,
+         "bad params for 'knn'"),
+        (b'{"format": 1, "detector": "knn", "params": {"k": -3}, "state": {}}', None,
+         "k must be an int >= 1"),
+        (b'{"format": 1, "detector": "knn", "params": {}, "state": {"__class__": 1}}', None,
+         "malformed learned state"),
+        (b'{"format": 9, "detector": "knn", "params": {}, "state": {}}', None,
+         "unsupported detector format 9"),
+        (None, b"\x00" * 40, "not a valid safetensors file"),
+        (None, b"", "not a valid safetensors file"),
+    ],
+)  # fmt: skip
+def test_load_of_a_malformed_folder_says_what_is_wrong(tmp_path, config, state, message):
+    det, _ = _fitted("knn")
+    det.save(tmp_path / "knn")
+    _corrupt(tmp_path / "knn", config, state)
+    with pytest.raises(MadlensError, match=re.escape(message)):
+        D.load_detector(tmp_path / "knn")
+
+
+@pytest.mark.parametrize(
+    "name, params, message",
+    [
+        ("knn", {"k": 0}, "k must be an int >= 1"),
+        ("knn", {"k": 2.5}, "k must be an int >= 1"),
+        ("knn", {"normalize": "yes"}, "normalize must be one of True, False"),
+        ("logistic-probe-skyline", {"C": -1.0}, "C must be a number > 0"),
+        ("logistic-probe-skyline", {"class_weight": "even"}, "class_weight must be one of"),
+        ("isolation-forest", {"max_samples": 1.5}, "max_samples must be one of 'auto'"),
+        ("lof", {"n_neighbors": True}, "n_neighbors must be an int >= 1"),
+        ("sae-recon", {"latents": 0}, "latents must be an int >= 1"),
+        ("que", {"alpha": float("nan")}, "alpha must be a number >= 0"),
+        ("mahalanobis", {"aggregation": "median"}, "aggregation must be one of 'mean', 'max'"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(name, params, message):
+    det = D.get_detector(name, **params)
+    trusted, test = _acts(0, 60), _acts(1, 20)
+    kwargs = {"labels": np.r_[np.zeros(10), np.ones(10)].astype(int)} if det.supervised else {}
+    with pytest.raises(MadlensError, match=re.escape(message)):
+        det.fit(trusted, test if det.supervised else None, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["msp", "energy", "entropy"])
+def test_bad_temperature_is_a_one_line_error_even_unfitted(name):
+    with pytest.raises(MadlensError, match="temperature must be a number > 0"):
+        D.get_detector(name, temperature="hot").score(np.zeros((3, 5)))
 
 
 # --- multiple hooks -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
@@ -150,6 +150,76 @@ def chunks(n: int, size: int) -> range:
     return range(0, n, max(1, size))
 
 
+# --- parameter rules ---------------------------------------------------------------------------
+
+#: A parameter rule: (name, value) -> what is wrong with the value, or None.
+Rule: TypeAlias = Callable[[str, Any], "str | None"]
+
+
+def integer(low: int = 0, optional: bool = False) -> Rule:
+    """An int (not a bool) >= `low`; None too when `optional`."""
+
+    def check(name: str, value: Any) -> str | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            return f"{name} must be an int >= {low}{' or None' if optional else ''}, got {value!r}"
+        return None
+
+    return check
+
+
+def real(low: float = 0.0, strict: bool = True, high: float | None = None) -> Rule:
+    """A finite number above `low` (or at least `low` unless `strict`), at most `high`."""
+
+    def check(name: str, value: Any) -> str | None:
+        ok = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+        ok = ok and np.isfinite(value) and (value > low if strict else value >= low)
+        ok = ok and (high is None or value <= high)
+        if not ok:
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high else "")
+            return f"{name} must be a number {bound}, got {value!r}"
+        return None
+
+    return check
+
+
+def choice(*allowed: Any) -> Rule:
+    """One of `allowed` (compared with ==)."""
+
+    def check(name: str, value: Any) -> str | None:
+        if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
+            return f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+        return None
+
+    return check
+
+
+def either(*rules: Rule) -> Rule:
+    """Any one of `rules` (the first rule's message when none fits)."""
+
+    def check(name: str, value: Any) -> str | None:
+        problems = [rule(name, value) for rule in rules]
+        return None if None in problems else problems[0]
+
+    return check
+
+
+def path(optional: bool = True) -> Rule:
+    """A file-system path (str or Path); None too when `optional`."""
+
+    def check(name: str, value: Any) -> str | None:
+        if (value is None and optional) or isinstance(value, str | Path):
+            return None
+        return f"{name} must be a path{' or None' if optional else ''}, got {value!r}"
+
+    return check
+
+
+BOOLEAN = choice(True, False)
+SEED = integer(0)
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 
@@ -196,6 +266,8 @@ class Detector:
     """
 
     name: ClassVar[str] = ""
+    #: Allowed values of `__init__` parameters (checked by `fit`): name -> rule.
+    param_rules: ClassVar[dict[str, Rule]] = {}
     input_kind: ClassVar[str] = "activations"
     contrast_source: ClassVar[str] = "none"
     supervised: ClassVar[bool] = False
@@ -269,7 +341,16 @@ class Detector:
         if not self.is_fitted:
             raise MadlensError(f"{self.name or type(self).__name__} is not fitted: call fit first")
 
+    def _check_params(self) -> None:
+        """Fail with one line on a parameter outside its rule (every class up the MRO)."""
+        for klass in type(self).__mro__:
+            for name, rule in vars(klass).get("param_rules", {}).items():
+                problem = rule(name, getattr(self, name))
+                if problem:
+                    raise MadlensError(f"{self.name}: {problem}")
+
     def _check_fit_inputs(self, fit_inputs: dict[str, Any]) -> None:
+        self._check_params()
         required = self.fit_requires()
         unknown = set(fit_inputs) - set(required)
         if unknown:
@@ -333,34 +414,38 @@ class Detector:
     def load(cls, path: str | Path) -> Detector:
         """Rebuild a detector written by `save`; called on a subclass it checks the type."""
         folder = Path(path)
-        try:
-            config = json.loads((folder / CONFIG_FILE).read_text())
-            arrays = load_file(str(folder / STATE_FILE))
-        except FileNotFoundError as exc:
-            raise MadlensError(f"no saved detector in {folder}: {exc.filename} is missing") from exc
-        if config.get("format") != FORMAT_VERSION:
-            raise MadlensError(f"{folder}: unsupported detector format {config.get('format')!r}")
+        config, arrays = _read_saved(folder)
         name = config["detector"]
         if name not in DETECTORS:
             raise MadlensError(f"{folder}: unknown detector {name!r}")
         det_cls = DETECTORS[name]
         if not issubclass(det_cls, cls):
             raise MadlensError(f"{folder} holds a {name!r} detector, not a {cls.__name__}")
-        det = det_cls(**config["params"])
-        hooks = config.get("hooks")
-        per_hook = {hook: det._clone() for hook in hooks} if hooks else {}
+        try:
+            det = det_cls(**config["params"])
+        except TypeError as exc:
+            raise MadlensError(f"{folder}/{CONFIG_FILE}: bad params for {name!r}: {exc}") from exc
+        det._check_params()
+        hooks = config.get("hooks") or {}
+        per_hook = {hook: det._clone() for hook in hooks}
         for key, value in arrays.items():
             hook, _, attr = key.rpartition("/")
+            if (hook and hook not in per_hook) or not _is_learned(attr):
+                raise MadlensError(f"{folder}/{STATE_FILE}: unexpected array {key!r}")
             setattr(per_hook[hook] if hook else det, attr, value)
-        for key, value in config["state"].items():
-            setattr(det, key, value)
-        for hook, values in (hooks or {}).items():
+        for target, values in [(det, config["state"])] + [
+            (per_hook[h], v) for h, v in hooks.items()
+        ]:  # fmt: skip
+            if not isinstance(values, dict) or not all(map(_is_learned, values)):
+                raise MadlensError(f"{folder}/{CONFIG_FILE}: malformed learned state")
             for key, value in values.items():
-                setattr(per_hook[hook], key, value)
+                setattr(target, key, value)
         for sub in per_hook.values():
             sub._after_load()
         if per_hook:
             det.per_hook_ = per_hook
+        if not det.is_fitted:
+            raise MadlensError(f"{folder}: the saved detector holds no learned state")
         det._after_load()
         return det
 
@@ -386,6 +471,7 @@ class ActivationDetector(Detector):
 
     input_kind = "activations"
     streaming: ClassVar[bool] = False
+    param_rules = {"aggregation": choice(*_AGGREGATIONS)}
 
     def __init__(self, aggregation: str = "mean") -> None:
         self.aggregation = aggregation
@@ -395,8 +481,6 @@ class ActivationDetector(Detector):
     ) -> ActivationDetector:
         """Learn from trusted activations (and untrusted ones, for detectors that use them)."""
         self._check_fit_inputs(fit_inputs)
-        if self.aggregation not in _AGGREGATIONS:
-            raise MadlensError(f"aggregation must be 'mean' or 'max', got {self.aggregation!r}")
         if self.uses_untrusted and untrusted is None:
             raise MadlensError(f"{self.name} needs the untrusted batch: fit(trusted, untrusted)")
         self._reset()
@@ -553,6 +637,7 @@ class OutputDetector(Detector):
 
     def score(self, batch: Any) -> np.ndarray:
         """Anomaly score per example (higher = more anomalous)."""
+        self._check_params()
         return np.asarray(self._score(self._stats(batch, "batch")), dtype=np.float64)
 
     def _stats(self, x: Any, what: str) -> OutputStats:
@@ -569,6 +654,39 @@ class OutputDetector(Detector):
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _is_learned(attr: Any) -> bool:
+    return isinstance(attr, str) and attr.endswith("_") and not attr.startswith("_")
+
+
+def _read_saved(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The config and arrays of a saved detector, each problem one line naming the file."""
+    if not folder.is_dir():
+        raise MadlensError(f"no saved detector at {folder}: not a directory")
+    config_path, state_path = folder / CONFIG_FILE, folder / STATE_FILE
+    for file in (config_path, state_path):
+        if not file.is_file():
+            raise MadlensError(f"no saved detector in {folder}: {file.name} is missing")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MadlensError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MadlensError(f"{config_path} must hold a JSON object")
+    if config.get("format") != FORMAT_VERSION:
+        raise MadlensError(f"{folder}: unsupported detector format {config.get('format')!r}")
+    kinds = {"detector": str, "params": dict, "state": dict}
+    for field_name, kind in kinds.items():
+        if not isinstance(config.get(field_name), kind):
+            raise MadlensError(f"{config_path}: '{field_name}' must be a {kind.__name__}")
+    if not isinstance(config.get("hooks") or {}, dict):
+        raise MadlensError(f"{config_path}: 'hooks' must be an object or null")
+    try:
+        arrays = load_file(str(state_path))
+    except Exception as exc:  # safetensors raises its own error types for a corrupt file
+        raise MadlensError(f"{state_path} is not a valid safetensors file: {exc}") from exc
+    return config, arrays
 
 
 def _hook_names(acts: Mapping, what: str) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from madlens.detectors.base import ActivationDetector, ContrastPairs, as_matrix
+from madlens.detectors.base import BOOLEAN, SEED, ActivationDetector, ContrastPairs, as_matrix
 from madlens.errors import MadlensError
 
 __all__ = [
@@ -206,6 +206,7 @@ class _ContrastProbeDetector(ActivationDetector):
     """
 
     contrast_source = "task"
+    param_rules = {"var_normalize": BOOLEAN, "seed": SEED}
 
     def __init__(self, var_normalize: bool = False, seed: int = 0, aggregation: str = "mean"):
         super().__init__(aggregation=aggregation)

@@ -11,7 +11,14 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from madlens.detectors.base import ActivationDetector, as_matrix, chunks, progress, to_float
+from madlens.detectors.base import (
+    BOOLEAN,
+    ActivationDetector,
+    as_matrix,
+    chunks,
+    progress,
+    to_float,
+)
 from madlens.errors import MadlensError
 
 __all__ = [
@@ -229,6 +236,7 @@ class Mahalanobis(ActivationDetector):
     """
 
     name = "mahalanobis"
+    param_rules = {"relative": BOOLEAN}
     reference = "Lee et al. 2018, A Simple Unified Framework for Detecting OOD Samples"
     streaming = True
 

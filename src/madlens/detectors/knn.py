@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from madlens.detectors.base import ActivationDetector, chunks, progress
+from madlens.detectors.base import BOOLEAN, ActivationDetector, chunks, integer, progress
 from madlens.errors import MadlensError
 
 __all__ = ["KNN"]
@@ -42,6 +42,7 @@ class KNN(ActivationDetector):
     """
 
     name = "knn"
+    param_rules = {"k": integer(1), "normalize": BOOLEAN}
     reference = "Sun et al. 2022, Out-of-Distribution Detection with Deep Nearest Neighbors"
 
     def __init__(self, k: int = 50, normalize: bool = True, aggregation: str = "mean") -> None:
@@ -56,8 +57,6 @@ class KNN(ActivationDetector):
         return {"k": max(1, min(50, n_trusted // 10))}
 
     def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
-            raise MadlensError(f"k must be a positive int, got {self.k!r}")
         if self.k > len(trusted):
             raise MadlensError(f"k={self.k} exceeds the {len(trusted)} trusted examples")
         bank = np.array(trusted, dtype=np.float32, order="C")  # a copy, never the caller's

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
 from madlens.cache import folder, key, load_or_compute
-from madlens.detectors.base import Detector, as_matrix
+from madlens.detectors.base import Detector, as_matrix, real
 from madlens.detectors.probes import _labelled
 from madlens.errors import MadlensError
 
@@ -235,6 +235,7 @@ class LieDetector(Detector):
     """
 
     name = "lie-detector"
+    param_rules = {"C": real(0)}
     input_kind = "transcripts"
     supervised = True
     reference = "Pacchiardi et al. 2023, How to catch an AI liar"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from madlens.detectors.base import OutputDetector, OutputStats, chunks
+from madlens.detectors.base import OutputDetector, OutputStats, chunks, integer, real
 from madlens.errors import MadlensError
 
 __all__ = ["MSP", "Energy", "Entropy", "MaxLogit", "Perplexity", "WindowedPerplexity"]
@@ -65,6 +65,7 @@ class MSP(OutputDetector):
     """
 
     name = "msp"
+    param_rules = {"temperature": real(0)}
     reference = "Hendrycks & Gimpel 2017, A Baseline for Detecting Misclassified and OOD Examples"
 
     def __init__(self, temperature: float = 1.0) -> None:
@@ -95,6 +96,7 @@ class Energy(OutputDetector):
     """
 
     name = "energy"
+    param_rules = {"temperature": real(0)}
     reference = "Liu et al. 2020, Energy-based Out-of-distribution Detection"
 
     def __init__(self, temperature: float = 1.0) -> None:
@@ -110,6 +112,7 @@ class Entropy(OutputDetector):
     """Entropy of softmax(logits / `temperature`), in nats."""
 
     name = "entropy"
+    param_rules = {"temperature": real(0)}
     reference = "predictive entropy of the next-token distribution"
 
     def __init__(self, temperature: float = 1.0) -> None:
@@ -161,6 +164,7 @@ class WindowedPerplexity(OutputDetector):
     """
 
     name = "windowed-perplexity"
+    param_rules = {"window": integer(1)}
     reference = "Jain et al. 2023, Baseline Defenses for Adversarial Attacks (windowed)"
     needs = "token_logprobs"
 
@@ -169,8 +173,6 @@ class WindowedPerplexity(OutputDetector):
 
     def _score(self, stats: OutputStats) -> np.ndarray:
         w = self.window
-        if not isinstance(w, int) or w < 1:
-            raise MadlensError(f"window must be a positive int, got {w!r}")
         scores = []
         for nll in _token_nll(stats):
             n_windows = max(len(nll) // w, 1)

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from madlens.detectors.base import ActivationDetector, ContrastPairs, as_matrix
+from madlens.detectors.base import (
+    ActivationDetector,
+    ContrastPairs,
+    as_matrix,
+    choice,
+    integer,
+    real,
+)
 from madlens.errors import MadlensError
 
 __all__ = ["DefectionProbe", "LogisticProbe", "MassMeanProbe"]
@@ -132,6 +139,7 @@ class LogisticProbe(_LinearProbe):
     """
 
     name = "logistic-probe-skyline"
+    param_rules = {"C": real(0), "class_weight": choice("balanced", None), "max_iter": integer(1)}
     supervised = True
     reference = "logistic regression on activations (supervised ceiling)"
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from madlens import cache
-from madlens.detectors.base import ActivationDetector, Activations
+from madlens.detectors.base import SEED, ActivationDetector, Activations, integer, path
 from madlens.errors import MadlensError
 
 
@@ -46,6 +46,8 @@ def _weights(model: Any) -> dict[str, np.ndarray]:
 
 
 class _SAEDetector(ActivationDetector):
+    param_rules = {"sae": path(), "latents": integer(1), "k": integer(1), "steps": integer(1),
+                   "seed": SEED}  # fmt: skip
     """Shared fitting: SAE weights as learned arrays, plus each latent's trusted firing
     frequency (Laplace-smoothed, so a latent never seen firing is rare, not impossible)."""
 

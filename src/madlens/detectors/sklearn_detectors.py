@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.ensemble import IsolationForest as _SkIsolationForest
 from sklearn.neighbors import LocalOutlierFactor as _SkLOF
 
-from madlens.detectors.base import ActivationDetector
+from madlens.detectors.base import SEED, ActivationDetector, choice, either, integer, real
 from madlens.errors import MadlensError
 
 __all__ = ["LOF", "IsolationForest"]
@@ -36,6 +36,11 @@ class LOF(ActivationDetector):
     """
 
     name = "lof"
+    param_rules = {
+        "n_neighbors": integer(1),
+        "max_trusted": integer(2, optional=True),
+        "seed": SEED,
+    }
     reference = "Breunig et al. 2000, LOF (scikit-learn)"
     _unsaved = ("estimator_",)
 
@@ -85,6 +90,12 @@ class IsolationForest(ActivationDetector):
     """
 
     name = "isolation-forest"
+    param_rules = {
+        "n_estimators": integer(1),
+        "max_samples": either(choice("auto"), integer(1), real(0, high=1.0)),
+        "max_trusted": integer(2, optional=True),
+        "seed": SEED,
+    }
     reference = "Liu, Ting & Zhou 2008, Isolation Forest (scikit-learn)"
     _unsaved = ("estimator_",)
 

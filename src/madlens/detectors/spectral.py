@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from madlens.detectors.base import ActivationDetector
+from madlens.detectors.base import BOOLEAN, ActivationDetector, real
 from madlens.detectors.gaussian import (
     StreamingMoments,
     eigh,
@@ -55,6 +55,7 @@ class QUE(ActivationDetector):
     """
 
     name = "que"
+    param_rules = {"alpha": real(0, strict=False)}
     reference = "Dong, Hopkins & Li 2019, Quantum Entropy Scoring"
     uses_untrusted = True
 
@@ -69,8 +70,6 @@ class QUE(ActivationDetector):
         self.shrinkage = shrinkage
 
     def _fit(self, trusted: np.ndarray, untrusted: np.ndarray) -> None:
-        if self.alpha < 0:
-            raise MadlensError(f"alpha must be >= 0, got {self.alpha}")
         location, w, z = _whitened_untrusted(trusted, untrusted, self.shrinkage)
         eigvals, eigvecs = eigh(z.T @ z / len(z))
         top = float(eigvals[-1])
@@ -102,6 +101,7 @@ class SpectralSignature(ActivationDetector):
     """
 
     name = "spectral"
+    param_rules = {"whiten": BOOLEAN}
     reference = "Tran, Li & Madry 2018, Spectral Signatures in Backdoor Attacks"
     uses_untrusted = True
 
@@ -141,6 +141,7 @@ class PCAResidual(ActivationDetector):
     """
 
     name = "pca-residual"
+    param_rules = {"center": BOOLEAN}
     reference = "Wang et al. 2022, ViM: Out-Of-Distribution with Virtual-logit Matching"
     streaming = True
 
