@@ -3,8 +3,6 @@ quantile groups, activation histogram, density, logit effects) as one self-conta
 
 from __future__ import annotations
 
-import html
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from madlens.report import ESCAPE_JS, HISTOGRAM_JS, esc, json_script, page
 from madlens.sae.base import SparseAutoencoder
 from madlens.sae.topk import TopKSAE
 
@@ -153,9 +152,13 @@ def _payload(stats: FeatureStats, windows: np.ndarray, decode: Any) -> dict[str,
 
 def render_dashboard(stats: FeatureStats, windows: np.ndarray, decode: Any, title: str) -> str:
     """The dashboard HTML: data embedded as JSON, drawn by inline script; no network."""
-    data = json.dumps(_payload(stats, windows, decode), separators=(",", ":"))
-    data = data.replace("</", "<\\/")
-    return _TEMPLATE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+    body = (
+        f'<div id="index"><h1>{esc(title)}</h1><div id="summary"></div><table><thead><tr>'
+        '<th class="l">feature</th><th>density</th></tr></thead><tbody id="rows"></tbody>'
+        '</table></div>\n<div id="main"><p>Pick a feature.</p></div>\n'
+        + json_script(_payload(stats, windows, decode), "data")
+    )
+    return page(title, body, css=CSS, script=ESCAPE_JS + HISTOGRAM_JS + SCRIPT)
 
 
 def write_dashboard(stats: FeatureStats, windows: np.ndarray, decode: Any, out: str | Path,
@@ -210,13 +213,13 @@ def dashboard_for_sae(
     return write_dashboard(stats, windows, lm.tokenizer.decode, out, title)
 
 
-_TEMPLATE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#222}
+# The page is an index of features (by density) beside the selected feature's panel.
+CSS = """
+body{margin:0;padding:0;max-width:none;display:flex;height:100vh}
 #index{width:300px;overflow-y:auto;border-right:1px solid #ccc;font-size:13px}
-#index table{border-collapse:collapse;width:100%}
-#index td{padding:2px 6px;cursor:pointer}#index tr:hover{background:#eef}
+#index table{border-collapse:collapse;width:100%;margin:0}
+#index td{padding:2px 6px;cursor:pointer;border:0;text-align:left}
+#main td,#main th{border:0;text-align:left}#index tr:hover{background:#eef}
 #index tr.sel{background:#dde}
 #main{flex:1;overflow-y:auto;padding:12px 20px}
 .ctx{font-family:monospace;font-size:13px;margin:2px 0;white-space:pre-wrap}
@@ -225,16 +228,11 @@ body{font-family:system-ui,sans-serif;margin:0;display:flex;height:100vh;color:#
 .logits{display:flex;gap:40px}.logits td{font-family:monospace;font-size:13px;padding:0 6px}
 .up{color:#060}.down{color:#a00}
 h1{font-size:18px;margin:8px}h2{font-size:16px}h3{font-size:14px;margin:10px 0 4px}
-</style></head><body>
-<div id="index"><h1>__TITLE__</h1><div id="summary"></div>
-<table><thead><tr><th>feature</th><th>density</th></tr></thead><tbody id="rows"></tbody></table>
-</div>
-<div id="main"><p>Pick a feature.</p></div>
-<script id="data" type="application/json">__DATA__</script>
-<script>
+"""
+
+SCRIPT = """
 const DATA = JSON.parse(document.getElementById("data").textContent);
 const F = DATA.features, V = DATA.vocab;
-const esc = s => s.replace(/&/g,"&amp;").replace(/</g,"&lt;").replace(/>/g,"&gt;");
 const show = t => esc(V[t]).replace(/\\n/g,"\\u21b5");
 function ctx(c, max){
   const [ids, at, act] = c;
@@ -246,13 +244,7 @@ function ctx(c, max){
   return `<div class="ctx"><span class="act">${act.toFixed(2)}</span>${parts.join("")}</div>`;
 }
 function hist(h){
-  if(!h.counts.length) return "<p>never fired</p>";
-  const W = 400, H = 80, m = Math.max(...h.counts), bw = W / h.counts.length;
-  const bars = h.counts.map((c,i) =>
-    `<rect x="${i*bw}" y="${H - H*c/m}" width="${bw-1}" height="${H*c/m}" fill="#48c"/>`);
-  return `<svg class="hist" width="${W}" height="${H+16}">${bars.join("")}
-  <text x="0" y="${H+14}" font-size="11">${h.lo.toFixed(2)}</text>
-  <text x="${W-40}" y="${H+14}" font-size="11">${h.hi.toFixed(2)}</text></svg>`;
+  return h.counts.length ? histogramSvg(h.counts, h.lo, h.hi, "hist") : "<p>never fired</p>";
 }
 function render(i){
   const f = F[i]; if(!f) return;
@@ -281,5 +273,4 @@ document.getElementById("summary").textContent =
   `${F.length} features over ${DATA.tokens} tokens; ${dead} never fired`;
 function route(){ const m = location.hash.match(/feature-(\\d+)/); render(m ? +m[1] : order[0]); }
 window.addEventListener("hashchange", route); route();
-</script></body></html>
 """
