@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from madlens import __version__
 from madlens.activations import extract
 from madlens.detectors import DETECTORS, ContrastPairs, OutputStats, get_detector
-from madlens.detectors.lie_detector import QUESTIONS, elicitation_features, is_transcript
 from madlens.errors import MadlensError
 from madlens.metrics import evaluate
 from madlens.models import load_model, parse_hooks, resid_post
@@ -91,9 +90,7 @@ def unavailable(name: str, task: Task) -> str | None:
     cls = DETECTORS[name]
     if cls.contrast_source == "task" and task.contrast is None:
         return "the task has no contrast pairs (Task.contrast)"
-    if cls.input_kind == "transcripts" and not all(is_transcript(x) for x in task.test):
-        return "needs transcripts (conversations ending with the assistant's answer)"
-    return None
+    return cls.cannot_read(task.test)
 
 
 def na_row(
@@ -232,10 +229,10 @@ def run_task(
         if DETECTORS[name].input_kind == "transcripts":
             # It queries the model with follow-up questions; it never sees activations.
             # Trusted transcripts count as truthful rows; other trusted inputs are not used.
-            known = [x for x in task.trusted if is_transcript(x)]
-            fit_rows = (elicitation_features(model, known, progress=progress) if known
-                        else np.empty((0, len(QUESTIONS))))  # fmt: skip
-            test_rows = elicitation_features(model, task.test, progress=progress)
+            cls = DETECTORS[name]
+            known = [x for x in task.trusted if cls.cannot_read([x]) is None]
+            fit_rows = cls.read_transcripts(model, known, progress)
+            test_rows = cls.read_transcripts(model, task.test, progress)
             jobs.append((name, "black-box", fit_rows, None, test_rows, None))
             continue
         pairs = task_contrast if name in from_task else contrast

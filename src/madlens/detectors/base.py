@@ -298,6 +298,18 @@ class Detector:
         return {}
 
     @classmethod
+    def cannot_read(cls, inputs: Sequence[Any]) -> str | None:
+        """Why the detector cannot run on these task inputs (texts or conversations), or
+        None when it can: the bench turns a reason into an `n/a` row."""
+        return None
+
+    @classmethod
+    def read_transcripts(cls, model: Any, transcripts: Sequence[Any], progress: bool = True) -> Any:
+        """For `input_kind = "transcripts"`: the rows `fit` and `score` read, obtained by
+        querying `model` about each transcript (a conversation ending with an answer)."""
+        raise NotImplementedError(f"{cls.name} does not read transcripts")
+
+    @classmethod
     def summary(cls) -> str:
         """The first sentence of the class docstring."""
         doc = inspect.getdoc(cls) or ""

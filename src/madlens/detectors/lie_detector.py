@@ -256,6 +256,21 @@ class LieDetector(Detector):
         return np.array([i for i, q in enumerate(QUESTIONS)
                          if any(q in ELICITATION_QUESTIONS[g] for g in groups)])  # fmt: skip
 
+    @classmethod
+    def cannot_read(cls, inputs: Sequence[Any]) -> str | None:
+        if all(is_transcript(x) for x in inputs):
+            return None
+        return "needs transcripts (conversations ending with the assistant's answer)"
+
+    @classmethod
+    def read_transcripts(
+        cls, model: Any, transcripts: Sequence[Any], progress: bool = True
+    ) -> np.ndarray:
+        """Elicitation features of each transcript (no transcripts: a `(0, q)` array)."""
+        if not transcripts:
+            return np.empty((0, len(QUESTIONS)))
+        return elicitation_features(model, transcripts, progress=progress)
+
     def fit(self, trusted: Any, untrusted: Any = None, **fit_inputs: Any) -> LieDetector:
         """Fit on feature rows: trusted (truthful) plus labeled untrusted rows."""
         self._check_fit_inputs(fit_inputs)
