@@ -93,7 +93,8 @@ def _file_documents(path: Path) -> Iterator[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise MadlensError(f"corpus file {path} is not UTF-8 text (byte {exc.start})") from exc
+            where = f"byte {exc.start + 1}"
+            raise MadlensError(f"corpus file {path} is not UTF-8 text ({where})") from exc
         # blank-line-separated paragraphs are the documents of a plain text file
         yield from (part for part in text.split("\n\n") if part.strip())
 

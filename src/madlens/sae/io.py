@@ -62,9 +62,13 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MadlensError(f"no SAE at {folder}: {CFG_FILE} is missing")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise MadlensError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from exc
     except json.JSONDecodeError as exc:
         raise MadlensError(f"{path}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise MadlensError(f"{path}: JSON nested too deeply") from exc
     if not isinstance(doc, dict):
         raise MadlensError(f"{path}: expected a JSON object")
     return doc
@@ -81,7 +85,7 @@ def load_sae(folder: str | Path) -> SparseAutoencoder:
     doc = _read_cfg(folder)
     where = folder / CFG_FILE
     architecture = doc.get("architecture", "standard")
-    if architecture not in ARCHITECTURES:
+    if not isinstance(architecture, str) or architecture not in ARCHITECTURES:
         raise MadlensError(
             f"{where}: architecture '{architecture}' is not supported "
             f"(madlens reads {', '.join(ARCHITECTURES)})"
@@ -90,23 +94,26 @@ def load_sae(folder: str | Path) -> SparseAutoencoder:
                          ("reshape_activations", ("none", None))):  # fmt: skip
         if doc.get(key) not in allowed:
             raise MadlensError(f"{where}: {key}='{doc.get(key)}' is not supported")
-    try:
-        d_in, d_sae = int(doc["d_in"]), int(doc["d_sae"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MadlensError(f"{where}: needs integer 'd_in' and 'd_sae'") from exc
-    metadata = dict(doc.get("metadata") or {})
+    d_in, d_sae = doc.get("d_in"), doc.get("d_sae")
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in (d_in, d_sae)):
+        raise MadlensError(f"{where}: needs positive integers 'd_in' and 'd_sae'")
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise MadlensError(f"{where}: 'metadata' must be a JSON object")
+    metadata = dict(metadata)
     for old, new in (("hook_point", "hook_name"), ("hook_name", "hook_name"),
                      ("model_name", "model_name"), ("context_size", "context_size")):  # fmt: skip
         if old in doc and new not in metadata:
             metadata[new] = doc[old]
     common = {"d_in": d_in, "d_sae": d_sae, "metadata": metadata,
               "apply_b_dec_to_input": bool(doc.get("apply_b_dec_to_input", True))}  # fmt: skip
-    extra = doc.get("madlens") or {}
+    extra = doc.get("madlens") if isinstance(doc.get("madlens"), dict) else {}
     if architecture == "topk":
-        if "k" not in doc:
-            raise MadlensError(f"{where}: a topk SAE needs 'k'")
-        keep = {k: extra[k] for k in ("aux_k", "aux_coefficient") if k in extra}
-        cfg: Any = TopKConfig(**common, k=int(doc["k"]), **keep)
+        k = doc.get("k")
+        if not (isinstance(k, int) and not isinstance(k, bool) and 0 < k <= d_sae):
+            raise MadlensError(f"{where}: a topk SAE needs an integer 'k' from 1 to d_sae")
+        keep = {key: extra[key] for key in ("aux_k", "aux_coefficient") if key in extra}
+        cfg: Any = TopKConfig(**common, k=k, **keep)
     else:
         keep = {k: extra[k] for k in ("l1_coefficient",) if k in extra}
         cfg = ReLUConfig(**common, **keep)

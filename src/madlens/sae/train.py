@@ -210,13 +210,18 @@ def train_on_model(
     from madlens.activations.positions import hook_shapes
     from madlens.models import load_model, parse_hooks
     from madlens.sae.capture import stream_activations
-    from madlens.sae.corpus import build_corpus
+    from madlens.sae.corpus import DEFAULT as DEFAULT_CORPUS
+    from madlens.sae.corpus import build_corpus, read_documents
     from madlens.sae.io import save_sae
     from madlens.sae.metrics import downstream_loss
 
     config = (config or TrainConfig()).check()
     if tokens < context_size:
         raise MadlensError(f"--tokens must be at least the context size ({context_size})")
+    if corpus != DEFAULT_CORPUS and Path(corpus).expanduser().exists():
+        # a corpus file is read whole for its first document: an unreadable one (not UTF-8,
+        # malformed JSONL) fails here, before the model loads
+        next(read_documents(corpus, config.seed), None)
     start = time.perf_counter()
     lm = load_model(model, dtype=dtype)
     hooks = lm.check_hooks(parse_hooks(hook, lm.n_layers))
