@@ -1,18 +1,40 @@
 """Models: the name registry, loading (embedded default, HF ids, local dirs, `tiny-test`),
 GGUF → safetensors conversion, and TransformerLens hook-name helpers."""
 
-from madlens.models.generate import generate
-from madlens.models.hooks import (
-    attn_z,
-    check_hooks,
-    mlp_out,
-    parse_hooks,
-    resid_post,
-    resid_pre,
-    residual_hooks,
-)
-from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from madlens.models.registry import DEFAULT_MODEL, KNOWN_MODELS, ModelInfo, known_model_names
+
+if TYPE_CHECKING:
+    from madlens.models.generate import generate
+    from madlens.models.hooks import (
+        attn_z,
+        check_hooks,
+        mlp_out,
+        parse_hooks,
+        resid_post,
+        resid_pre,
+        residual_hooks,
+    )
+    from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
+
+# Exported lazily: the registry is read without importing torch and transformers (seconds),
+# so `madlens --help`, `madlens models list` and a mistyped option answer at once.
+_EXPORTS = {
+    "generate": "generate",
+    "attn_z": "hooks",
+    "check_hooks": "hooks",
+    "mlp_out": "hooks",
+    "parse_hooks": "hooks",
+    "resid_post": "hooks",
+    "resid_pre": "hooks",
+    "residual_hooks": "hooks",
+    "Model": "loading",
+    "load_hf": "loading",
+    "load_model": "loading",
+    "resolve_dtype": "loading",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -32,3 +54,11 @@ __all__ = [
     "residual_hooks",
     "resolve_dtype",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'madlens.models' has no attribute '{name}'")
+    value = getattr(import_module(f"madlens.models.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
