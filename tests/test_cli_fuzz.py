@@ -2,8 +2,8 @@
 `tiny-test` model, either works (exit 0) or says why in one line on stderr (exit 2); it
 never shows a traceback.
 
-Each command gets a small, derandomised budget of examples (the whole file runs in about
-two minutes on two cores); progress bars are switched off, since they are not messages.
+Each command gets a small, derandomised budget of examples (the whole file runs in about a
+minute on two cores); progress bars are switched off, since they are not messages.
 Knobs that only make a valid run longer (tokens, prompts, statements) are kept small.
 """
 
@@ -168,7 +168,7 @@ HOOK_LIST = (comma_list(HOOKS[:3] + ["blocks.1.hook_mlp_out", "blocks.0.attn.hoo
 # --- commands ------------------------------------------------------------------------------
 
 
-@settings_for(40)
+@settings_for(60)
 @given(st.data())
 def test_extract(world, data):
     files = Files(world)
@@ -194,7 +194,7 @@ def test_extract(world, data):
     files.close()
 
 
-@settings_for(16)
+@settings_for(24)
 @given(st.data())
 def test_bench(world, data):
     files = Files(world)
@@ -213,7 +213,7 @@ def test_bench(world, data):
     files.close()
 
 
-@settings_for(20)
+@settings_for(30)
 @given(st.data())
 def test_sae_train(world, data):
     files = Files(world)
@@ -256,7 +256,7 @@ def sae_dir(world: Path, files: Files, data) -> str:
     return str(copy)
 
 
-@settings_for(24)
+@settings_for(30)
 @given(st.data())
 def test_explain(world, data):
     files = Files(world)
@@ -269,7 +269,7 @@ def test_explain(world, data):
     files.close()
 
 
-@settings_for(10)
+@settings_for(14)
 @given(st.data())
 def test_sae_dashboard(world, data):
     files = Files(world)
@@ -286,7 +286,7 @@ def test_sae_dashboard(world, data):
     files.close()
 
 
-@settings_for(12)
+@settings_for(16)
 @given(st.data())
 def test_circuits_ioi(world, data):
     files = Files(world)
@@ -304,7 +304,7 @@ def test_circuits_ioi(world, data):
     files.close()
 
 
-@settings_for(6)
+@settings_for(10)
 @given(st.data())
 def test_truth_sweep(world, data):
     files = Files(world)
@@ -330,8 +330,21 @@ def test_models_and_lists(data):
                                          ["detectors", "list"], ["tasks", "list"]]))  # fmt: skip
     if command[1] == "pull":
         command.append(pick(data, "name", st.just("tiny-test"), st.just("gpt-17")))
-    extra = data.draw(st.lists(TEXT, max_size=1), "extra arguments")
+    extra = pick(data, "extra arguments", st.just([]), st.lists(TEXT, min_size=1, max_size=1))
     check(command + extra)
+
+
+@settings_for(6)
+@given(st.data())
+def test_cache(data):
+    # --kind is drawn from plain names only: a path there (`..`, `/`) walks outside the cache
+    command = ["cache", data.draw(st.sampled_from(["list", "size", "clear"]), "command")]
+    command += options(data, {"--kind": (st.sampled_from(["activations", "models"]),
+                                         st.sampled_from(["nope", ""]))})  # fmt: skip
+    days = (st.sampled_from(["0", "1.5"]), st.sampled_from(["-1", "nan", "x"]))
+    if command[1] == "clear":
+        command += options(data, {"--older-than": days})
+    check(command)
 
 
 def test_the_lists_name_every_detector_and_task():
