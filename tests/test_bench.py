@@ -185,3 +185,21 @@ def test_per_head_hooks_are_read_as_vectors(task_file):
                        task_file, quick=True, progress=False)  # fmt: skip
     assert {r["hook"] for r in doc["rows"]} == {"blocks.1.attn.hook_z"}
     assert all(r["status"] == "ok" and r["auroc"] > 0.5 for r in doc["rows"])
+
+
+def test_cli_bench_exits_2_when_a_detector_raises(task_file, tmp_path, monkeypatch, run_cli):
+    def broken(self, trusted, untrusted, **fit_inputs):
+        raise ValueError("planted failure")
+
+    monkeypatch.setattr(QUE, "_fit", broken)
+    code, out, err = run_cli("bench", "--model", "tiny-test", "--task-file", str(task_file),
+                             "--detectors", "que,knn", "--out", str(tmp_path / "o"))  # fmt: skip
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # not progress bars
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "que at" in errors[0] and "planted failure" in errors[0]
+    assert next(line for line in out.splitlines() if line.startswith("que ")).split()[-1] == "error"
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert {r["status"] for r in saved["rows"] if r["detector"] == "que"} == {"error"}
+    args = ["--task-file", str(task_file), "--detectors", "knn", "--out", str(tmp_path / "v")]
+    code, out, _ = run_cli("bench", "--model", "tiny-test", "--verbose", *args)
+    assert code == 0 and "R@1%" in out.splitlines()[0]

@@ -50,3 +50,14 @@ def test_bad_cache_arguments_are_one_line(home, run_cli):
     code, _, err = run_cli("cache", "size", "--kind", "nope")
     assert code == 2 and err.strip().startswith("error: no cache kind 'nope'")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["..", ".", "/", "gcg/..", "../home", ""])
+def test_a_kind_is_a_plain_name_inside_the_cache(home, run_cli, kind):
+    outside = home.parent / "keep.txt"
+    outside.write_text("not cache")
+    code, _, err = run_cli("cache", "clear", "--kind", kind)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert outside.read_text() == "not cache" and (home / "gcg" / "old.json").exists()
+    with pytest.raises(ValueError, match="plain folder name"):
+        cache.clear(kind=kind)

@@ -49,7 +49,10 @@ def home() -> Path:
 
 
 def folder(kind: str) -> Path:
-    """The cache folder of one kind of result (`activations`, `adapters`, ...)."""
+    """The cache folder of one kind of result (`activations`, `adapters`, ...): a plain
+    name, so that nothing outside the home folder is ever read or cleared as cache."""
+    if not kind or kind in (".", "..") or Path(kind).name != kind or "\\" in kind:
+        raise ValueError(f"a cache kind is a plain folder name, not {kind!r}")
     return home() / kind
 
 
@@ -194,7 +197,7 @@ def entries(kind: str | None = None) -> list[Entry]:
     root = home()
     if not root.is_dir():
         return []
-    kinds = [root / kind] if kind else sorted(p for p in root.iterdir() if p.is_dir())
+    kinds = [folder(kind)] if kind is not None else sorted(p for p in root.iterdir() if p.is_dir())
     found = []
     for kind_dir in kinds:
         if not kind_dir.is_dir():

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from madlens.activations.positions import hook_shapes
 from madlens.bench.report import render_report
 from madlens.bench.runner import (
     TaskResult,
@@ -74,17 +75,17 @@ def run_bench(
     return doc, results
 
 
-def check_bench_args(
-    detectors: list[str], hooks: list[str] | None, model: str, dtype: str
-) -> None:
-    """Fail with one line on an unknown detector, dtype or hook, before any work."""
+def check_bench_args(detectors: list[str], hooks: list[str] | None, model: str, dtype: str) -> None:
+    """Fail with one line on an unknown detector, dtype or hook (one the base model lacks, or
+    one no position can read), before any task is built: a LoRA fine-tune keeps the base
+    model's hooks."""
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise MadlensError(f"unknown detector '{unknown[0]}'; known: {', '.join(DETECTORS)}")
     resolve_dtype(dtype)
     if hooks:
         lm = load_model(model, dtype=dtype)
-        lm.check_hooks(parse_hooks(",".join(hooks), lm.n_layers))
+        hook_shapes(lm, lm.check_hooks(parse_hooks(",".join(hooks), lm.n_layers)))
 
 
 def problems(doc: dict[str, Any]) -> list[str]:

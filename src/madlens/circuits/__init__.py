@@ -4,7 +4,7 @@ prompts, and automatic discovery of the indirect-object-identification circuit."
 from importlib import import_module
 from typing import Any
 
-# Exported lazily, so that `madlens.circuits.cli` (imported by the CLI at start-up) does not
+# Exported lazily, so that `madlens.cli.circuits` (imported by the CLI at start-up) does not
 # pull in torch and TransformerLens before a command runs.
 _EXPORTS = {
     "CLASSES": "discovery",

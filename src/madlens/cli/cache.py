@@ -29,7 +29,7 @@ def _check_kind(kind: str | None) -> None:
     if kind is None:
         return
     known = sorted({e.kind for e in cache.entries()})
-    if not (cache.home() / kind).is_dir():
+    if kind not in known:
         listed = ", ".join(known) if known else "the cache is empty"
         raise MadlensError(f"no cache kind '{kind}' under {cache.home()} ({listed})")
 

