@@ -59,6 +59,32 @@ def _batch(pieces: list, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return ids, mask, spans
 
 
+def _round_trips(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor:
+    """Which candidates decode to a text that encodes back to the same ids (as nanogcg's
+    `filter_ids`): with a BPE tokenizer many do not, and the suffix the task uses is text."""
+    keep = [tokenizer(tokenizer.decode(c), add_special_tokens=False).input_ids == c
+            for c in candidates.tolist()]  # fmt: skip
+    return torch.tensor(keep, dtype=torch.bool)
+
+
+def text_loss(model: Any, tokenizer: Any, prompts: list[str], target: str, suffix: str) -> float:
+    """Mean target cross-entropy of the prompts as the task builds them (`f"{prompt}
+    {suffix}"` in a user turn), each conversation tokenized whole, as the model reads it."""
+    rows, spans = [], []
+    target_ids = tokenizer(target, add_special_tokens=False).input_ids
+    for prompt in prompts:
+        text = format_chat(tokenizer, [{"role": "user", "content": f"{prompt} {suffix}"}])
+        ids = tokenizer(text, add_special_tokens=False).input_ids + target_ids
+        rows.append(ids)
+        spans.append((len(ids) - len(target_ids), len(ids)))
+    width = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return float(_losses(model, ids, mask, spans).mean())
+
+
 def _losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
@@ -72,7 +98,11 @@ def gcg_suffix(
     model: Any, tokenizer: Any, prompts: list[str], target: str, config: GCGConfig,
     progress: bool = True,
 ) -> tuple[str, float]:  # fmt: skip
-    """Optimise one suffix over all `prompts` at once; returns (suffix text, final loss)."""
+    """Optimise one suffix over all `prompts` at once; returns (suffix text, its loss).
+
+    The search runs on token ids; candidates whose text does not encode back to their ids
+    are dropped, and the loss returned is `text_loss` of the text returned (the prompt the
+    task builds), not of the ids searched."""
     generator = torch.Generator().manual_seed(config.seed)
     embed = model.get_input_embeddings().weight
     allowed = _allowed_tokens(tokenizer, embed.shape[0])
@@ -103,9 +133,13 @@ def gcg_suffix(
         choice = torch.randint(config.top_k, (config.candidates,), generator=generator)
         candidates = suffix.repeat(config.candidates, 1)
         candidates[torch.arange(config.candidates), positions] = top[positions, choice]
+        candidates = candidates[_round_trips(tokenizer, candidates)]
+        if len(candidates) == 0:
+            continue
         ids, mask, spans = _batch(pieces, candidates)
-        losses = _losses(model, ids, mask, spans).view(config.candidates, len(pieces)).mean(1)
+        losses = _losses(model, ids, mask, spans).view(len(candidates), len(pieces)).mean(1)
         best = int(losses.argmin())
         if losses[best].item() < (best_loss := min(best_loss, total / len(pieces))):
             suffix, best_loss = candidates[best], losses[best].item()
-    return tokenizer.decode(suffix.tolist()), best_loss
+    text = tokenizer.decode(suffix.tolist())
+    return text, text_loss(model, tokenizer, prompts, target, text)
