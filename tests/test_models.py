@@ -97,3 +97,15 @@ def test_dtypes():
         resolve_dtype("int3")
     bf = load_model("tiny-test", dtype="bfloat16")
     assert next(bf.hf_model.parameters()).dtype is torch.bfloat16
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
+    import torch
+
+    from madlens.models import loading
+
+    assert loading.fast_bfloat16.__wrapped__() in (True, False)  # the real probe answers
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(loading, "fast_bfloat16", lambda native=native: native)
+        assert loading.resolve_dtype("auto") == expected
+    assert loading.resolve_dtype("float32") == torch.float32

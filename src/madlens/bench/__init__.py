@@ -34,7 +34,7 @@ def run_bench(
     out: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`.
 

@@ -186,7 +186,7 @@ def run_task(
     seed: int = 0,
     n_resamples: int = 1000,
     progress: bool = True,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
 ) -> TaskResult:
     """Run every detector on one task, per hook and on the multi-hook aggregate."""
     start = time.perf_counter()

@@ -23,7 +23,7 @@ def bench(
     quick: Annotated[bool, typer.Option(help="shrink data and fine-tune budgets")] = False,
     out: OutDir = Path("runs/bench"),
     seed: Seed = 0,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     verbose: Annotated[bool, typer.Option(help="print every row, not the matrix")] = False,
 ) -> None:
     """Build the tasks, run every detector on them, write results.json and report.html.

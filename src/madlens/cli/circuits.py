@@ -16,7 +16,7 @@ app = typer.Typer(help="Circuit discovery by activation and path patching.", no_
 def ioi(
     out: OutDir,
     model: Model = DEFAULT_MODEL,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     n_prompts: Annotated[int, typer.Option(min=2, help="IOI prompt pairs")] = 50,
     seed: Seed = 0,
     threshold: Annotated[

@@ -7,12 +7,14 @@ from typing import Annotated
 import typer
 
 from madlens.errors import MadlensError, check_output
-from madlens.models.registry import DTYPE_NAMES
+from madlens.models.registry import DTYPE_CHOICES
 
 
 def _check_dtype(value: str | None) -> str | None:
-    if value is not None and value not in DTYPE_NAMES:
-        raise typer.BadParameter(f"unknown dtype '{value}'; choose one of {', '.join(DTYPE_NAMES)}")
+    if value is not None and value not in DTYPE_CHOICES:
+        raise typer.BadParameter(
+            f"unknown dtype '{value}'; choose one of {', '.join(DTYPE_CHOICES)}"
+        )
     return value
 
 
@@ -20,7 +22,8 @@ Model = Annotated[str, typer.Option(help="model name, Hugging Face id (org/name)
 Dtype = Annotated[
     str,
     typer.Option(
-        help="float32 (exact), bfloat16 (about 3x faster on CPU) or float16",
+        help="auto (bfloat16 where the CPU has native bfloat16, else float32), float32, "
+        "bfloat16 or float16",
         callback=_check_dtype,
     ),  # fmt: skip
 ]

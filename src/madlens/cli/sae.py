@@ -31,7 +31,7 @@ def train(
     lr: Annotated[float | None, typer.Option(help="Adam rate (default: scaled to size)")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="activations per step")] = 1024,
     context_size: Annotated[int, typer.Option(min=2, help="tokens per window")] = 128,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     seed: Seed = 0,
 ) -> None:
     """Train an SAE on one hook's activations; writes SAELens-format files (cfg.json,
@@ -61,7 +61,7 @@ def dashboard(
     model: Annotated[str | None, typer.Option(help=SAE_MODEL_HELP)] = None,
     corpus: Annotated[str, typer.Option(help="text the features are shown on")] = "default",
     tokens: Annotated[int, typer.Option(min=2, help="tokens of corpus to scan")] = 65_536,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
 ) -> None:
     """Write a self-contained feature dashboard (index by density, contexts, logit effects)."""
     from madlens.sae.dashboard import dashboard_for_sae
@@ -77,7 +77,7 @@ def explain(
     model: Annotated[str | None, typer.Option(help=SAE_MODEL_HELP)] = None,
     dashboard: Annotated[str | None, typer.Option(help="dashboard HTML to link into")] = None,
     top: Annotated[int, typer.Option(min=1, help="features to list")] = 10,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
 ) -> None:
     """List the SAE features that fired on an input, rarest first, with dashboard links."""
     from madlens.sae.explain import explain_sae

@@ -29,7 +29,7 @@ def sweep(
     transfer_hook: Annotated[
         str | None, typer.Option(help="hook for the transfer matrix (default: middle one)")
     ] = None,
-    dtype: Dtype = "bfloat16",
+    dtype: Dtype = "auto",
     seed: Seed = 0,
 ) -> None:
     """Accuracy by layer of CCS, CRC-TPC, a random direction, a logistic ceiling and the

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
         resid_pre,
         residual_hooks,
     )
-    from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
+    from madlens.models.loading import Model, fast_bfloat16, load_hf, load_model, resolve_dtype
 
 # Exported lazily: the registry is read without importing torch and transformers (seconds),
 # so `madlens --help`, `madlens models list` and a mistyped option answer at once.
@@ -31,12 +31,14 @@ _EXPORTS = {
     "resid_pre": "hooks",
     "residual_hooks": "hooks",
     "Model": "loading",
+    "fast_bfloat16": "loading",
     "load_hf": "loading",
     "load_model": "loading",
     "resolve_dtype": "loading",
 }
 
 __all__ = [
+    "fast_bfloat16",
     "DEFAULT_MODEL",
     "KNOWN_MODELS",
     "Model",

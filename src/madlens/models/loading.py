@@ -5,6 +5,7 @@ Hugging Face id; the result carries the tokenizer, hook names and a weights fing
 """
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import torch
 from madlens.errors import MadlensError
 from madlens.models import smollm2, tiny
 from madlens.models.hooks import check_hooks
-from madlens.models.registry import DEFAULT_MODEL, DTYPE_NAMES, known_model_names
+from madlens.models.registry import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_NAMES, known_model_names
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
@@ -62,12 +63,29 @@ class Model:
         return check_hooks(hooks, self._hook_names)
 
 
+@functools.cache
+def fast_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels).
+
+    Without them bfloat16 is emulated and slow: measured on a 2-core AVX2 EPYC, a SmolLM2
+    forward of 16 x 128 tokens took 40 s in bfloat16 against 5.6 s in float32, and a LoRA
+    step under bfloat16 autocast 85 s against 3.8 s; where it is native, bfloat16 is the
+    faster one (about 2x for the same forward)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """Accept `float32` / `bfloat16` / `float16` or a torch dtype."""
+    """Accept `auto` / `float32` / `bfloat16` / `float16` or a torch dtype. `auto` is
+    bfloat16 where the CPU computes it natively (`fast_bfloat16`), float32 elsewhere."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if fast_bfloat16() else torch.float32
     if dtype not in DTYPES:
-        raise MadlensError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+        raise MadlensError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
 
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # the dtypes a model can be loaded in
+#: What a `dtype` argument accepts: a dtype name, or "auto" (bfloat16 where the CPU computes
+#: it natively, float32 elsewhere: see `madlens.models.fast_bfloat16`).
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 
 
 @dataclass(frozen=True)

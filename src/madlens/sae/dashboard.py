@@ -177,7 +177,7 @@ def dashboard_for_sae(
     model: str | None = None,
     corpus: str = "default",
     tokens: int = 65_536,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     progress: bool = True,
 ) -> Path:
     """Load the SAE in `sae_dir` and its model (`model`, default: the one in its cfg), run

@@ -97,7 +97,7 @@ def explain_text(model: Any, sae: SparseAutoencoder, density: np.ndarray, text: 
 
 def explain_sae(
     sae_dir: str | Path, text: str, model: str | None = None, top: int = 10,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
 ) -> tuple[str, list[FeatureHit]]:  # fmt: skip
     """Load the SAE at `sae_dir` (and its densities) and the model it was trained on (or
     `model`), and rank the features that fired on `text`: `(hook, hits)`."""

@@ -195,7 +195,7 @@ def train_on_model(
     tokens: int = 2_000_000,
     context_size: int = 128,
     config: TrainConfig | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     eval_windows: int = 64,
     capture_batch_size: int = 16,
     cache_dir: str | Path | None = None,

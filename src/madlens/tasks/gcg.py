@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from madlens.data import format_chat
+from madlens.models import fast_bfloat16
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,10 @@ def text_loss(model: Any, tokenizer: Any, prompts: list[str], target: str, suffi
 
 
 def _losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bfloat16()),
+    ):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     out = []
     for i, (a, b) in enumerate(spans):
@@ -118,7 +122,7 @@ def gcg_suffix(
         for before, after, tgt in pieces:
             ctx = lambda t: embed[torch.tensor(t, dtype=torch.long)].detach()  # noqa: E731
             inputs = torch.cat([ctx(before), one_hot @ embed, ctx(after), ctx(tgt)])[None]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bfloat16()):
                 logits = model(inputs_embeds=inputs).logits[0].float()
             start = len(before) + config.n_tokens + len(after)
             loss = torch.nn.functional.cross_entropy(

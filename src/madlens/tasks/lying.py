@@ -144,7 +144,7 @@ def build_lying(
     n_train, n_check, n_trusted, n_test, steps = (
         (128, 48, 48, 48, 100) if quick else (200, 60, 100, 100, 160)
     )
-    base = load_model(model, dtype="bfloat16")
+    base = load_model(model, dtype="auto")
     known, unknown = [], []
     for domain in TRAIN_DOMAINS:
         k = known_facts(base, domain, seed, progress)
@@ -169,7 +169,7 @@ def build_lying(
     _, base_true = transcripts(base, held, LIE_PROMPTS[0], progress)
     prompt_only = 1 - float(np.mean(base_true))
     adapter = train_lying_adapter(model, train, steps, seed, progress)
-    tuned = load_model(model, dtype="bfloat16", adapter=adapter)
+    tuned = load_model(model, dtype="auto", adapter=adapter)
     _, honest_true = transcripts(tuned, held, HONEST_PROMPT, progress)
     _, lie_true = transcripts(tuned, held, lie_systems(len(held)), progress)
     lie_rate, honest_rate = 1 - float(np.mean(lie_true)), float(np.mean(honest_true))

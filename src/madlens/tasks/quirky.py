@@ -40,7 +40,7 @@ def build_quirky(
     )
     examples = _examples(n_train, *EASY, seed) + _examples(n_train, *HARD, seed + 1)
     adapter = finetune_lora(model, examples, LoraConfig(steps=steps, seed=seed), progress)
-    tuned = load_model(model, dtype="bfloat16", adapter=adapter)
+    tuned = load_model(model, dtype="auto", adapter=adapter)
     held = addition_questions(n_check, *HARD, seed + 7, "Alice")
     bob_check = [(q.replace("Alice", "Bob", 1), a, b) for q, a, b in held]
     alice_answers = cached_generate(tuned, [_user(q) for q, _, _ in held], 6, progress)
