@@ -165,9 +165,9 @@ def _corrupt(folder, config=None, state=None):
 @pytest.mark.parametrize(
     "config, state, message",
     [
-        (b"{not json", None, "detector.json is not valid JSON"),
-        (b"\xff\xfe\x00", None, "detector.json is not valid JSON"),
-        (b"[1, 2]", None, "must hold a JSON object"),
+        (b"{not json", None, "detector.json: not valid JSON"),
+        (b"\xff\xfe\x00", None, "detector.json: not UTF-8 text"),
+        (b"[1, 2]", None, "detector.json: expected a JSON object"),
         (b'{"format": 1, "detector": "knn", "params": [], "state": {}}', None,
          "'params' must be a dict"),
         (b'{"format": 1, "detector": "knn", "params": {"kk": 3}, "state": {}}', None,

@@ -12,6 +12,31 @@ from madlens.data.chat import validate_messages
 from madlens.errors import MadlensError
 
 
+def parse_object(text: str, where: str) -> dict[str, Any]:
+    """One JSON object from `text`; every problem is one line that starts with `where`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MadlensError(f"{where}: not valid JSON ({exc.msg})") from exc
+    except RecursionError as exc:
+        raise MadlensError(f"{where}: JSON nested too deeply") from exc
+    if not isinstance(value, dict):
+        raise MadlensError(f"{where}: expected a JSON object")
+    return value
+
+
+def read_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in file `path` (a config), each problem one line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MadlensError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from exc
+    except OSError as exc:
+        raise MadlensError(f"{path}: cannot read ({exc.strerror})") from exc
+    return parse_object(text, str(path))
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read every object of a JSONL file; blank lines are skipped."""
     path = Path(path)
@@ -31,14 +56,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             ) from exc
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MadlensError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-        except RecursionError as exc:
-            raise MadlensError(f"{path}:{number}: JSON nested too deeply") from exc
-        if not isinstance(record, dict):
-            raise MadlensError(f"{path}:{number}: expected a JSON object")
+        record = parse_object(line, f"{path}:{number}")
         record["_line"] = number
         records.append(record)
     if not records:

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from madlens.data.jsonl import read_object
 from madlens.errors import MadlensError
 
 __all__ = [
@@ -680,12 +681,7 @@ def _read_saved(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     for file in (config_path, state_path):
         if not file.is_file():
             raise MadlensError(f"no saved detector in {folder}: {file.name} is missing")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MadlensError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise MadlensError(f"{config_path} must hold a JSON object")
+    config = read_object(config_path)
     if config.get("format") != FORMAT_VERSION:
         raise MadlensError(f"{folder}: unsupported detector format {config.get('format')!r}")
     kinds = {"detector": str, "params": dict, "state": dict}

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from madlens.data.jsonl import read_object
 from madlens.errors import MadlensError
 from madlens.sae.base import SparseAutoencoder
 from madlens.sae.relu import ReLUConfig, ReLUSAE
@@ -61,17 +62,7 @@ def _read_cfg(folder: Path) -> dict[str, Any]:
     path = folder / CFG_FILE
     if not path.is_file():
         raise MadlensError(f"no SAE at {folder}: {CFG_FILE} is missing")
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise MadlensError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from exc
-    except json.JSONDecodeError as exc:
-        raise MadlensError(f"{path}: not valid JSON ({exc.msg})") from exc
-    except RecursionError as exc:
-        raise MadlensError(f"{path}: JSON nested too deeply") from exc
-    if not isinstance(doc, dict):
-        raise MadlensError(f"{path}: expected a JSON object")
-    return doc
+    return read_object(path)
 
 
 def load_sae(folder: str | Path) -> SparseAutoencoder:

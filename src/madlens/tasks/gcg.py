@@ -46,17 +46,19 @@ def _pieces(tokenizer: Any, prompt: str, target: str) -> tuple[list[int], list[i
 
 def _batch(pieces: list, suffixes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Right-padded ids for every (suffix, prompt) pair and the target positions."""
-    rows, spans = [], []
-    for suffix in suffixes.tolist():
-        for before, after, target in pieces:
-            ids = before + suffix + after + target
-            rows.append(ids)
-            spans.append((len(ids) - len(target), len(ids)))
-    width = max(len(r) for r in rows)
+    rows = [(before + suffix + after, target) for suffix in suffixes.tolist()
+            for before, after, target in pieces]  # fmt: skip
+    return _pad(rows)
+
+
+def _pad(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Right-padded ids and mask of (prompt ids, target ids) rows, and each target's span."""
+    spans = [(len(p), len(p) + len(t)) for p, t in rows]
+    width = max(end for _, end in spans)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    for i, (p, t) in enumerate(rows):
+        ids[i, : len(p) + len(t)], mask[i, : len(p) + len(t)] = torch.tensor(p + t), 1
     return ids, mask, spans
 
 
@@ -71,19 +73,12 @@ def _round_trips(tokenizer: Any, candidates: torch.Tensor) -> torch.Tensor:
 def text_loss(model: Any, tokenizer: Any, prompts: list[str], target: str, suffix: str) -> float:
     """Mean target cross-entropy of the prompts as the task builds them (`f"{prompt}
     {suffix}"` in a user turn), each conversation tokenized whole, as the model reads it."""
-    rows, spans = [], []
     target_ids = tokenizer(target, add_special_tokens=False).input_ids
+    rows = []
     for prompt in prompts:
         text = format_chat(tokenizer, [{"role": "user", "content": f"{prompt} {suffix}"}])
-        ids = tokenizer(text, add_special_tokens=False).input_ids + target_ids
-        rows.append(ids)
-        spans.append((len(ids) - len(target_ids), len(ids)))
-    width = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return float(_losses(model, ids, mask, spans).mean())
+        rows.append((tokenizer(text, add_special_tokens=False).input_ids, target_ids))
+    return float(_losses(model, *_pad(rows)).mean())
 
 
 def _losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
