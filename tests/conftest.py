@@ -1,5 +1,6 @@
 import sys
 
+import numpy as np
 import pytest
 
 from madlens.models import load_model
@@ -41,3 +42,18 @@ def run_cli(monkeypatch, capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def weather_task_file(tmp_path_factory):
+    """A custom task file: 40 trusted sentences; test: 12 like them (0), 12 symbol strings (1)."""
+    from madlens.data import write_jsonl
+
+    rng = np.random.default_rng(0)
+    lines = [{"text": f"The weather today is nice, number {i}.", "split": "trusted"}
+             for i in range(40)]  # fmt: skip
+    lines += [{"text": f"The weather later is fine, number {i}.", "split": "test", "label": 0}
+              for i in range(12)]  # fmt: skip
+    lines += [{"text": "".join(rng.choice(list("#@!%&*")) for _ in range(30)), "split": "test",
+               "label": 1} for _ in range(12)]  # fmt: skip
+    return write_jsonl(tmp_path_factory.mktemp("task") / "weather.jsonl", lines)

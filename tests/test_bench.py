@@ -20,15 +20,8 @@ ROW_KEYS = {"task", "detector", "hook", "auroc", "auroc_ci", "ap", "fpr_at_95tpr
 
 
 @pytest.fixture(scope="module")
-def task_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    lines = [{"text": f"The weather today is nice, number {i}.", "split": "trusted"}
-             for i in range(40)]  # fmt: skip
-    lines += [{"text": f"The weather later is fine, number {i}.", "split": "test", "label": 0}
-              for i in range(12)]  # fmt: skip
-    lines += [{"text": "".join(rng.choice(list("#@!%&*")) for _ in range(30)), "split": "test",
-               "label": 1} for _ in range(12)]  # fmt: skip
-    return write_jsonl(tmp_path_factory.mktemp("task") / "weather.jsonl", lines)
+def task_file(weather_task_file):
+    return weather_task_file
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from PIL import Image
 
 from madlens.bench import run_bench
 from madlens.bench.report import render_report
-from madlens.data import write_jsonl
 from madlens.detectors import DETECTORS
 
 DETECTORS_RUN = ["mahalanobis", "knn", "perplexity", "logistic-probe-skyline", "lie-detector"]
@@ -39,16 +38,9 @@ def _shot(page: Path, tmp_path: Path, size: str = "1300,1800") -> None:
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    lines = [{"text": f"The weather today is nice, number {i}.", "split": "trusted"}
-             for i in range(40)]  # fmt: skip
-    lines += [{"text": f"The weather later is fine, number {i}.", "split": "test", "label": 0}
-              for i in range(12)]  # fmt: skip
-    lines += [{"text": "".join(rng.choice(list("#@!%&*")) for _ in range(30)), "split": "test",
-               "label": 1} for _ in range(12)]  # fmt: skip
+def bench(tmp_path_factory, weather_task_file):
     folder = tmp_path_factory.mktemp("bench")
-    task_file = write_jsonl(folder / "weather.jsonl", lines)
+    task_file = weather_task_file
     doc, results = run_bench([], DETECTORS_RUN, None, "tiny-test", task_file, quick=True,
                              progress=False)  # fmt: skip
     hook = "blocks.1.hook_resid_post"
