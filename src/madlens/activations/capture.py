@@ -6,6 +6,7 @@ so data larger than memory works. Both compute only what the cache lacks.
 
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,8 @@ def _run_batch(
     padding_side: str,
     want_logits: bool,
     want_logprobs: bool,
-) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[np.ndarray] | None]:
+    keep_cache: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[np.ndarray] | None, Any]:
     width = max(len(enc.input_ids) for enc in batch)
     pad_id = model.tokenizer.pad_token_id
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -75,14 +77,18 @@ def _run_batch(
 
         return hook
 
-    need_output = want_logits or want_logprobs
+    need_output = want_logits or want_logprobs or keep_cache
+    kv_cache = None
     with torch.inference_mode():
         logits = model.bridge.run_with_hooks(
             ids,
             attention_mask=mask,
             fwd_hooks=[(name, make_hook(name)) for name in hooks],
-            return_type="logits" if need_output else None,
+            return_type=("logits_and_cache" if keep_cache else "logits") if need_output else None,
+            **({"use_cache": True} if keep_cache else {}),
         )
+    if keep_cache:
+        logits, kv_cache = logits
     final_logits = token_logprobs = None
     if want_logits:
         cols = torch.tensor([off + len(enc.input_ids) - 1 for enc, off in zip(batch, offsets)])
@@ -95,7 +101,9 @@ def _run_batch(
             scores = logits[i, off + start - 1 : off + end - 1].float().log_softmax(-1)
             targets = ids[i, off + start : off + end]
             token_logprobs.append(scores.gather(-1, targets[:, None])[:, 0].numpy())
-    return captured, final_logits, token_logprobs
+    if keep_cache:
+        return captured, final_logits, token_logprobs, Prefill(ids, mask, logits, kv_cache)
+    return captured, final_logits, token_logprobs, None
 
 
 def _compute_chunk(
@@ -115,7 +123,7 @@ def _compute_chunk(
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         batch = [encoded[i] for i in index]
-        acts, logits, logprobs = _run_batch(
+        acts, logits, logprobs, _ = _run_batch(
             model, batch, hooks, position, padding_side, want_logits, want_logprobs
         )
         rows = [
@@ -138,6 +146,50 @@ def _compute_chunk(
         token_logprobs=[o[2] for o in ordered] if want_logprobs else None,
         truncated=np.array([enc.truncated for enc in encoded], dtype=bool),
     )
+
+
+@dataclass
+class Prefill:
+    """A left-padded batch's forward pass, kept for generation to continue from:
+    `input_ids` and `attention_mask` `(batch, width)`, every position's `logits`, and the
+    Hugging Face KV cache (`kv_cache`) the model's own forward accepts as `past_key_values`."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    logits: torch.Tensor
+    kv_cache: Any
+
+
+def prefill(
+    model: Any,
+    inputs: Sequence[Input],
+    hooks: Sequence[str],
+    position: str = "last",
+    *,
+    logits: bool = False,
+    logprobs: bool = False,
+    max_length: int | None = None,
+    strict: bool = True,
+) -> tuple[Activations, Prefill]:
+    """One left-padded forward pass over `inputs` (one batch) that returns both the
+    activations `extract` would (same hooks, position and output statistics, equal up to
+    float rounding) and the KV cache, so that generation continues from this pass instead
+    of running the prompt again. Nothing is cached on disk."""
+    inputs, hooks = _prepare(model, inputs, hooks, position)
+    encoded = _encode_all(model, inputs, position, max_length, strict)
+    acts, final_logits, token_logprobs, state = _run_batch(
+        model, encoded, hooks, position, "left", logits, logprobs, keep_cache=True
+    )
+    rows = [enc.span[1] - enc.span[0] if position in ("all", "response") else 1 for enc in encoded]
+    out = Activations(
+        acts=acts,
+        lengths=np.array(rows, dtype=np.int64),
+        position=position,
+        logits=final_logits,
+        token_logprobs=token_logprobs,
+        truncated=np.array([enc.truncated for enc in encoded], dtype=bool),
+    )
+    return out, state
 
 
 def _prepare(model: Any, inputs: Sequence[Input], hooks: Sequence[str], position: str):

@@ -28,7 +28,8 @@ DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 class Model:
     """A loaded model: the plain HF module (use it to generate), its tokenizer, and the
     TransformerLens bridge over the same weights that exposes the hook points.
-    `fingerprint` identifies the weights (for caches)."""
+    `fingerprint` identifies the weights (for caches); `spec` and `adapter` are what
+    `load_model` was given, so that a saved monitor can load the same model again."""
 
     name: str
     hf_model: Any
@@ -37,6 +38,8 @@ class Model:
     dtype: torch.dtype
     fingerprint: str
     _hook_names: list[str] = field(default_factory=list, repr=False)
+    spec: str = ""
+    adapter: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -219,4 +222,7 @@ def load_model(
         model, adapter_print = _merge_adapter(model, adapter)
         fingerprint = hashlib.sha256(f"{fingerprint}+{adapter_print}".encode()).hexdigest()[:16]
         name = f"{name}+{Path(adapter).name}"
-    return _wrap(name, model, tokenizer, torch_dtype, fingerprint)
+    wrapped = _wrap(name, model, tokenizer, torch_dtype, fingerprint)
+    wrapped.spec = spec
+    wrapped.adapter = None if adapter is None else str(Path(adapter).resolve())
+    return wrapped
