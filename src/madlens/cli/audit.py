@@ -1,0 +1,1 @@
+"""`madlens audit list | show ID | export`: read the server's SQLite audit log."""

@@ -1,0 +1,1 @@
+"""`madlens serve`: a saved monitor behind an OpenAI-compatible HTTP API."""
