@@ -14,7 +14,18 @@ try:  # typer 0.2x carries its own copy of click
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
-from madlens.cli import bench, cache, circuits, detectors, extract, models, sae, tasks, truth
+from madlens.cli import (
+    bench,
+    cache,
+    circuits,
+    detectors,
+    extract,
+    models,
+    monitor,
+    sae,
+    tasks,
+    truth,
+)
 from madlens.errors import MadlensError
 
 app = typer.Typer(
@@ -33,6 +44,7 @@ app.add_typer(truth.app, name="truth")
 app.add_typer(detectors.app, name="detectors")
 app.add_typer(tasks.app, name="tasks")
 app.add_typer(cache.app, name="cache")
+app.add_typer(monitor.app, name="monitor")
 
 
 def _show_warning(message: object, category: type, *args: object, **kwargs: object) -> None:
