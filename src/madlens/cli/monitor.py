@@ -36,34 +36,25 @@ def fit(
         "last"
     ),
     fpr: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            min_open=True,
-            max_open=True,
-            help="false-positive rate the threshold is calibrated at",
-        ),
-    ] = 0.01,  # fmt: skip
+        float, typer.Option(help="false-positive rate the threshold is calibrated at, in (0, 1)")
+    ] = 0.01,
     holdout: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            min_open=True,
-            max_open=True,
-            help="fraction of trusted inputs held out of the fit to calibrate",
-        ),
-    ] = 0.25,  # fmt: skip
+        float, typer.Option(help="fraction of trusted inputs held out of the fit to calibrate")
+    ] = 0.25,
     dtype: Dtype = "auto",
     seed: Seed = 0,
 ) -> None:
     """Fit detectors on trusted inputs, calibrate the threshold on held-out trusted inputs
     at --fpr (split conformal), and save the monitor to --out."""
     from madlens.data import read_inputs
+    from madlens.errors import MadlensError
     from madlens.monitor import Monitor
 
     output_dir(out)
+    if not 0 < fpr < 1:
+        raise MadlensError(f"--fpr must be in (0, 1), got {fpr:g}")
+    if not 0 < holdout < 1:
+        raise MadlensError(f"--holdout must be in (0, 1), got {holdout:g}")
     detector_list = names(detectors, "detectors")
     monitor = Monitor(model, hooks=names(hooks, "hooks"), position=position,
                       detectors=detector_list, holdout=holdout, adapter=adapter, dtype=dtype,

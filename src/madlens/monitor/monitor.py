@@ -205,7 +205,7 @@ class Monitor:
             raise MadlensError("give the adapter to load_model, or a model name with adapter=")
         if self._model is not None:
             self.adapter = self._model.adapter
-        self.dtype = dtype if self._model is None else str(self._model.dtype).split(".")[-1]
+        self.dtype = dtype if self._model is None else str(self._model.dtype).removeprefix("torch.")
         self._hook_request = list(hooks) if hooks else None
         self.hooks: list[str] = []
         self.position = position
@@ -233,6 +233,7 @@ class Monitor:
             from madlens.models import load_model
 
             self._model = load_model(self.model_spec, dtype=self.dtype, adapter=self.adapter)
+            self.dtype = str(self._model.dtype).removeprefix("torch.")  # `auto` resolved
             if self.fingerprint is not None and self._model.fingerprint != self.fingerprint:
                 raise MadlensError(_fingerprint_problem(self.fingerprint, self._model))
             self._resolve_hooks()
