@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - older typer runs on click itself
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
 from madlens.cli import (
+    audit,
     bench,
     cache,
     circuits,
@@ -44,6 +45,7 @@ app.add_typer(truth.app, name="truth")
 app.add_typer(detectors.app, name="detectors")
 app.add_typer(tasks.app, name="tasks")
 app.add_typer(cache.app, name="cache")
+app.add_typer(audit.app, name="audit")
 app.add_typer(monitor.app, name="monitor")
 
 
