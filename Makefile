@@ -19,7 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	# sae-lens (test reference) pins transformer-lens<4; its SAE classes run on 4.x
 	$(BIN)/pip install -q sae-lens==6.54.12 --no-deps
 	$(BIN)/pip install -q --no-deps nanogcg==0.3.0  # GCG test reference
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)
