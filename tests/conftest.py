@@ -6,6 +6,16 @@ import pytest
 from madlens.models import load_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_registry(tmp_path_factory):
+    """Runs the tests record go to a throwaway registry, never the developer's own (the
+    activation cache under MADLENS_HOME stays where it is, warm)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MADLENS_RUNS_DB", str(tmp_path_factory.mktemp("runs") / "runs.duckdb"))
+        patch.delenv("MADLENS_NO_RUNS", raising=False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return load_model("tiny-test")

@@ -23,6 +23,7 @@ from madlens.cli import (
     extract,
     models,
     monitor,
+    runs,
     sae,
     tasks,
     truth,
@@ -47,6 +48,7 @@ app.add_typer(tasks.app, name="tasks")
 app.add_typer(cache.app, name="cache")
 app.add_typer(audit.app, name="audit")
 app.add_typer(monitor.app, name="monitor")
+app.add_typer(runs.app, name="runs")
 
 
 def _show_warning(message: object, category: type, *args: object, **kwargs: object) -> None:

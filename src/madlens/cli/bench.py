@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from madlens.cli.options import Dtype, Hooks, Model, OutDir, Seed, names, output_dir
+from madlens.cli.runs import record_run
 from madlens.errors import MadlensError
 from madlens.models.registry import DEFAULT_MODEL
 
@@ -45,5 +46,7 @@ def bench(
     typer.echo(f"\nreport: {out / 'report.html'}  results: {out / 'results.json'}  "
                f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
     found = problems(doc)
+    record_run("bench", doc["rows"], start=start, model=model, dtype=dtype,
+               status="problems" if found else "ok")  # fmt: skip
     if found:
         raise MadlensError(f"{len(found)} problem(s): " + "; ".join(found))

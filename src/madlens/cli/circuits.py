@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir
+from madlens.cli.runs import circuit_rows, record_run
 from madlens.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(help="Circuit discovery by activation and path patching.", no_args_is_help=True)
@@ -61,3 +62,5 @@ def ioi(
         f"target (<=10% of heads, >=80%) {'met' if result.meets_target() else 'not met'}"
     )
     typer.echo(f"wrote {paths['json']} and {paths['html']} in {time.perf_counter() - start:.0f} s")
+    record_run("circuits ioi", circuit_rows(result.to_json()), start=start, model=model,
+               fingerprint=lm.fingerprint)  # fmt: skip

@@ -1,12 +1,14 @@
 """`madlens monitor fit | score | show`: fit a monitor on trusted traffic, score new inputs."""
 
 import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from madlens.cli.options import Dtype, Hooks, Model, Seed, names, output_dir, output_file
+from madlens.cli.runs import monitor_rows, record_run
 from madlens.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -50,6 +52,7 @@ def fit(
     from madlens.errors import MadlensError
     from madlens.monitor import Monitor
 
+    start = time.perf_counter()
     output_dir(out)
     if not 0 < fpr < 1:
         raise MadlensError(f"--fpr must be in (0, 1), got {fpr:g}")
@@ -69,6 +72,8 @@ def fit(
         f"{len(monitor.hooks)} hook(s); calibrated at fpr {fpr:g} on "
         f"{config['n_calibration']} held-out inputs -> {out}"
     )
+    record_run("monitor fit", monitor_rows(config), start=start, model=model,
+               fingerprint=monitor.fingerprint)  # fmt: skip
 
 
 @app.command("score")

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir, output_file
+from madlens.cli.runs import record_run, sae_rows
 from madlens.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(help="Sparse autoencoders: train, browse features.", no_args_is_help=True)
@@ -52,6 +53,9 @@ def train(
         f"SAE {ev['ce_sae']:.3f}, ablated {ev['ce_ablation']:.3f})"
     )
     typer.echo(f"wrote {out} in {metrics['total_seconds']:.0f} s")
+    record_run(
+        "sae train", sae_rows(metrics), wall_s=metrics["total_seconds"], model=model, dtype=dtype
+    )
 
 
 @app.command("dashboard")

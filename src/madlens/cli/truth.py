@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from madlens.cli.options import Dtype, Hooks, Model, OutDir, Seed, names, output_dir
+from madlens.cli.runs import record_run, truth_rows
 from madlens.models.registry import DEFAULT_MODEL
 
 app = typer.Typer(
@@ -53,3 +54,4 @@ def sweep(
     typer.echo(format_sweep(doc))
     typer.echo(f"\nwrote {paths['json']} and {paths['html']} in "
                f"{time.perf_counter() - start:.0f} s")  # fmt: skip
+    record_run("truth sweep", truth_rows(doc), start=start, model=model, fingerprint=lm.fingerprint)
