@@ -17,6 +17,15 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from madlens.data.jsonl import read_object
+from madlens.detectors.backend import (
+    check_tensor,
+    is_tensor,
+    scores,
+    take_rows,
+    to_device,
+    to_float,
+    to_numpy,
+)
 from madlens.errors import MadlensError
 
 __all__ = [
@@ -31,7 +40,7 @@ __all__ = [
     "load_detector",
 ]
 
-Activations: TypeAlias = Any  # np.ndarray | torch.Tensor | Mapping[str, np.ndarray]
+Activations: TypeAlias = Any  # np.ndarray | torch.Tensor | Mapping[str, np.ndarray | Tensor]
 
 #: Every registered detector class by its stable kebab-case name.
 DETECTORS: dict[str, type[Detector]] = {}
@@ -66,12 +75,12 @@ class OutputStats:
         if self.logits is None and self.token_logprobs is None:
             raise MadlensError("OutputStats needs logits, token_logprobs or both")
         if self.logits is not None:
-            logits = _to_numpy(self.logits)
+            logits = to_numpy(self.logits)
             if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] < 2:
                 raise MadlensError(f"logits must be (n, vocab) with vocab >= 2, got {logits.shape}")
             object.__setattr__(self, "logits", logits)
         if self.token_logprobs is not None:
-            seqs = [_to_numpy(seq).reshape(-1) for seq in self.token_logprobs]
+            seqs = [to_numpy(seq).reshape(-1) for seq in self.token_logprobs]
             if not seqs:
                 raise MadlensError("token_logprobs is empty")
             object.__setattr__(self, "token_logprobs", seqs)
@@ -98,22 +107,13 @@ class ContrastPairs:
     negative: Activations
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # a torch tensor; numpy has no bfloat16, so go through float32
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x)
-
-
 def as_matrix(x: Any, what: str = "activations", convert: bool = True) -> np.ndarray:
     """Check that `x` is a non-empty `n x d` float array; return it as float32/float64.
 
     With `convert=False` the array is returned as stored (e.g. a float16 memmap), for callers
     that convert it chunk by chunk; its finiteness is then the caller's to check.
     """
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 2:
         raise MadlensError(f"{what} must be an n x d array, got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -128,11 +128,10 @@ def as_matrix(x: Any, what: str = "activations", convert: bool = True) -> np.nda
     return arr
 
 
-def to_float(arr: np.ndarray) -> np.ndarray:
-    """float64 stays float64; every other dtype (float16, ints) becomes float32."""
-    if arr.dtype == np.float64:
-        return arr
-    return arr.astype(np.float32, copy=False)
+def as_rows(x: Any, what: str = "activations", convert: bool = True) -> Any:
+    """`as_matrix`, except that a torch tensor stays a tensor on its own device (the device
+    path of the detectors that declare `tensor_inputs`)."""
+    return check_tensor(x, what, convert) if is_tensor(x) else as_matrix(x, what, convert)
 
 
 def _is_stream(x: Any) -> bool:
@@ -378,6 +377,7 @@ class Detector:
     def _reset(self) -> None:
         for key in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
             delattr(self, key)
+        vars(self).pop("_on_device", None)
 
     # saving -----------------------------------------------------------------------------------
 
@@ -480,10 +480,16 @@ class ActivationDetector(Detector):
     (arrays already checked); the base class handles hooks and aggregation. Detectors whose
     `streaming` is True also accept an iterable of batches (arrays or dicts) as `trusted`, for
     trusted sets larger than memory.
+
+    Detectors whose `tensor_inputs` is True receive torch tensors as tensors (on their device,
+    converted like numpy) and compute there (see `backend`); the others get numpy. Either
+    way learned state is numpy and `score` returns numpy float64, so a detector fit on tensors
+    scores numpy and the reverse.
     """
 
     input_kind = "activations"
     streaming: ClassVar[bool] = False
+    tensor_inputs: ClassVar[bool] = False
     param_rules = {"aggregation": choice(*_AGGREGATIONS)}
 
     def __init__(self, aggregation: str = "mean") -> None:
@@ -520,7 +526,10 @@ class ActivationDetector(Detector):
                 )
                 fitted[hook] = det
             rows = _zscore_rows(n)
-            samples = {hook: as_matrix(trusted[hook][rows], f"trusted[{hook!r}]") for hook in hooks}
+            samples = {
+                hook: self._matrix(take_rows(trusted[hook], rows), f"trusted[{hook!r}]")
+                for hook in hooks
+            }
             self._set_hooks(fitted, samples)
             return self
         if isinstance(untrusted, Mapping):
@@ -528,10 +537,34 @@ class ActivationDetector(Detector):
         self._fit_checked(trusted, untrusted, fit_inputs)
         return self
 
+    def _matrix(self, x: Any, what: str, convert: bool = True) -> Any:
+        """The checked `n x d` input: a tensor stays one for `tensor_inputs` detectors."""
+        return as_rows(x, what, convert) if self.tensor_inputs else as_matrix(x, what, convert)
+
+    def _learned(self, name: str, ref: Any) -> Any:
+        """Learned array `name` in the kind of `ref`: itself for numpy, else a tensor on ref's
+        device, copied there once and kept (until the attribute is replaced or refit)."""
+        value = getattr(self, name)
+        if not is_tensor(ref):
+            return value
+        cache = vars(self).setdefault("_on_device", {})
+        hit = cache.get((name, ref.device))
+        if hit is None or hit[0] is not value:
+            hit = cache[(name, ref.device)] = (value, to_device(value, ref.device))
+        return hit[1]
+
+    def _set_learned(self, name: str, tensor: Any) -> None:
+        """Store a learned array computed as `tensor` (numpy, or a tensor kept as the device
+        copy of the numpy attribute)."""
+        value = to_numpy(tensor)
+        setattr(self, name, value)
+        if is_tensor(tensor):
+            vars(self).setdefault("_on_device", {})[(name, tensor.device)] = (value, tensor)
+
     def _fit_checked(self, trusted: Any, untrusted: Any, fit_inputs: dict[str, Any]) -> None:
-        trusted = as_matrix(trusted, "trusted", convert=not self.streaming)
+        trusted = self._matrix(trusted, "trusted", convert=not self.streaming)
         if untrusted is not None:
-            untrusted = as_matrix(untrusted, "untrusted")
+            untrusted = self._matrix(untrusted, "untrusted")
             _check_width(untrusted, trusted.shape[1], "untrusted")
         self.n_features_in_ = int(trusted.shape[1])
         self._fit(trusted, untrusted, **fit_inputs)
@@ -539,7 +572,7 @@ class ActivationDetector(Detector):
     def _set_hooks(self, fitted: dict[str, ActivationDetector], samples: dict[str, Any]) -> None:
         loc, scale = [], []
         for hook, det in fitted.items():
-            s = det._trusted_scores(samples[hook])
+            s = scores(det._trusted_scores(samples[hook]))
             loc.append(float(np.mean(s)))
             std = float(np.std(s))
             # a hook whose trusted scores are constant gets unit scale rather than a 0 division
@@ -565,7 +598,7 @@ class ActivationDetector(Detector):
                 _common_length(batch, hooks, "trusted batch")
                 for hook in hooks:
                     moments.setdefault(hook, StreamingMoments()).update(batch[hook])
-                reservoir.add({hook: as_matrix(batch[hook]) for hook in hooks})
+                reservoir.add({hook: batch[hook] for hook in hooks})
             else:
                 if hooks is not None:
                     raise MadlensError("a stream mixes arrays and dicts of hooks")
@@ -612,11 +645,11 @@ class ActivationDetector(Detector):
         }
 
     def _score_checked(self, x: Any) -> np.ndarray:
-        x = as_matrix(x, "batch")
+        x = self._matrix(x, "batch")
         _check_width(x, self.n_features_in_, "batch")
-        return np.asarray(self._score(x), dtype=np.float64)
+        return scores(self._score(x))
 
-    def _trusted_scores(self, trusted_sample: np.ndarray) -> np.ndarray:
+    def _trusted_scores(self, trusted_sample: Any) -> Any:
         """Scores of trusted rows for z-scoring hooks (kNN overrides it to skip self-matches)."""
         return self._score(trusted_sample)
 
@@ -721,7 +754,7 @@ def _common_length(acts: Mapping, hooks: list[str], what: str) -> int:
     return lengths[hooks[0]]
 
 
-def _check_width(x: np.ndarray, width: int, what: str) -> None:
+def _check_width(x: Any, width: int, what: str) -> None:
     if x.shape[1] != width:
         raise MadlensError(f"{what} has {x.shape[1]} features, the detector was fit on {width}")
 
@@ -752,11 +785,20 @@ class _Reservoir:
         self.keys = np.empty(0)
         self.rows: dict[str, np.ndarray] = {}
 
-    def add(self, batch: dict[str, np.ndarray]) -> None:
+    def add(self, batch: dict[str, Any]) -> None:
+        """Add a batch (arrays or tensors by hook); only the rows that enter the sample are
+        converted (copied to the host), so a stream on a device is not copied whole."""
         n = len(next(iter(batch.values())))
+        seen = len(self.keys)
         keys = np.concatenate([self.keys, self.rng.random(n)])
         keep = np.argsort(keys)[: self.size]
         self.keys = keys[keep]
+        new = np.sort(keep[keep >= seen]) - seen  # the batch rows kept
+        where = np.where(keep < seen, keep, seen + np.searchsorted(new, keep - seen))
         for hook, rows in batch.items():
-            old = self.rows.get(hook, np.empty((0, rows.shape[1]), dtype=rows.dtype))
-            self.rows[hook] = np.concatenate([old, rows])[keep]
+            old = self.rows.get(hook)
+            if len(new):
+                picked = as_matrix(take_rows(rows, new), f"trusted batch[{hook!r}]")
+                old = picked[:0] if old is None else old
+                old = np.concatenate([old, picked])
+            self.rows[hook] = old[where]

@@ -9,12 +9,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
+from madlens.detectors.backend import (
+    device_of,
+    eigh,
+    f64,
+    is_tensor,
+    rowdot,
+    to_device,
+    to_numpy,
+)
 from madlens.detectors.base import (
     BOOLEAN,
     ActivationDetector,
-    as_matrix,
+    as_rows,
     chunks,
     progress,
     to_float,
@@ -23,7 +31,7 @@ from madlens.errors import MadlensError
 
 __all__ = [
     "Mahalanobis",
-    "eigh",
+    "eigh",  # from backend, kept here for its importers
     "StreamingMoments",
     "ledoit_wolf_shrinkage",
     "shrunk_covariance",
@@ -45,16 +53,22 @@ class StreamingMoments:
     second moments it keeps the fourth-moment sums Ledoit-Wolf shrinkage needs. Each batch's
     Gram matrix is computed in the batch's precision (float32 for float32 or float16 input) and
     accumulated in float64.
+
+    The first batch picks where the sums live: a torch tensor's device (they are then float64
+    tensors there, and later numpy batches are copied to it) or numpy. What the moments give
+    (`mean`, `covariance`, ...) is numpy either way.
     """
 
     def __init__(self) -> None:
         self.n = 0
-        self.shift: np.ndarray | None = None
-        self._sum: np.ndarray | None = None  # sum y,  y = x - shift
-        self._gram: np.ndarray | None = None  # sum y y^T
-        self._sq: float = 0.0  # sum |y|^2
-        self._cube: np.ndarray | None = None  # sum |y|^2 y
-        self._quartic: float = 0.0  # sum |y|^4
+        self.shift: Any = None  # numpy, or a tensor on `device`
+        self._sum: Any = None  # sum y,  y = x - shift
+        self._gram: Any = None  # sum y y^T
+        self._sq: Any = 0.0  # sum |y|^2
+        self._cube: Any = None  # sum |y|^2 y
+        self._quartic: Any = 0.0  # sum |y|^4
+        self._device: torch.device | None = None
+        self._host: tuple | None = None  # the sums as numpy, for sums kept on a device
 
     @property
     def n_features(self) -> int:
@@ -62,21 +76,35 @@ class StreamingMoments:
             raise MadlensError("no rows seen yet")
         return len(self.shift)
 
+    @property
+    def device(self) -> torch.device | None:
+        """The device the sums live on, or None for numpy."""
+        return self._device
+
     def update(self, batch: Any, chunk_rows: int = CHUNK_ROWS) -> StreamingMoments:
-        """Add the rows of an `n x d` array, converted chunk by chunk (float16 -> float32)."""
-        raw = as_matrix(batch, "trusted batch", convert=False)
+        """Add the rows of an `n x d` array or tensor, converted chunk by chunk (float16 ->
+        float32)."""
+        raw = as_rows(batch, "trusted batch", convert=False)
         d = raw.shape[1]
         if self.shift is not None and d != len(self.shift):
             raise MadlensError(f"batch has {d} features, earlier ones {len(self.shift)}")
+        if self.shift is None:
+            self._device = device_of(raw)
+        self._host = None
         starts = chunks(len(raw), chunk_rows)
         scratch = None  # one buffer for the augmented chunk, reused: no page faults per chunk
         for start in progress(starts, len(starts), "moments"):
-            x = to_float(np.asarray(raw[start : start + chunk_rows]))
+            chunk = raw[start : start + chunk_rows]
+            if self._device is not None:
+                self._add_tensor(to_float(to_device(chunk, self._device)))
+                continue
+            x = to_float(np.asarray(to_numpy(chunk)))
             if scratch is None or scratch.dtype != x.dtype:
                 scratch = np.empty((min(chunk_rows, len(raw)), d + 2), dtype=x.dtype)
             self._add(x, scratch[: len(x)])
         # NaN / inf anywhere in the input reaches the sums; checking them is free
-        if not (np.isfinite(self._sum).all() and np.isfinite(self._quartic)):
+        _, total, _, _, _, quartic = self._sums()
+        if not (np.isfinite(total).all() and np.isfinite(quartic)):
             raise MadlensError("trusted activations contain NaN or infinite values")
         return self
 
@@ -102,18 +130,50 @@ class StreamingMoments:
         self._sq += float(gram[d, d + 1])
         self._quartic += float(gram[d + 1, d + 1])
 
+    def _add_tensor(self, x: torch.Tensor) -> None:
+        """`_add` on the device: the same augmented Gram matrix, in x's precision."""
+        d = x.shape[1]
+        if self.shift is None:
+            self.shift = x.mean(0, dtype=torch.float64)
+            zeros = {"dtype": torch.float64, "device": x.device}
+            self._sum, self._cube = torch.zeros(d, **zeros), torch.zeros(d, **zeros)
+            self._gram = torch.zeros(d, d, **zeros)
+            self._sq, self._quartic = torch.zeros((), **zeros), torch.zeros((), **zeros)
+        y = x - self.shift.to(x.dtype)
+        ones = torch.ones(len(x), 1, dtype=x.dtype, device=x.device)
+        rows = torch.cat([y, ones, (y * y).sum(1, keepdim=True)], dim=1)
+        gram = (rows.T @ rows).to(torch.float64)
+        self.n += len(x)
+        self._gram += gram[:d, :d]
+        self._sum += gram[d, :d]
+        self._cube += gram[d + 1, :d]
+        self._sq += gram[d, d + 1]
+        self._quartic += gram[d + 1, d + 1]
+
+    def _sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray, float]:
+        """(shift, sum y, sum y y^T, sum |y|^2, sum |y|^2 y, sum |y|^4) on the host."""
+        sums = (self.shift, self._sum, self._gram, self._sq, self._cube, self._quartic)
+        if self._device is None:
+            return sums  # type: ignore[return-value]
+        if self._host is None:
+            shift, total, gram, sq, cube, quartic = (to_numpy(v) for v in sums)
+            self._host = (shift, total, gram, float(sq), cube, float(quartic))
+        return self._host
+
     @property
     def mean(self) -> np.ndarray:
         self._check()
-        return self.shift + self._sum / self.n
+        shift, total = self._sums()[:2]
+        return shift + total / self.n
 
     def covariance(self, ddof: int = 0) -> np.ndarray:
         """Sample covariance, dividing by `n - ddof` (ddof=0: maximum likelihood)."""
         self._check()
         if self.n - ddof <= 0:
             raise MadlensError(f"need more than {ddof} rows for a covariance")
-        delta = self._sum / self.n
-        scatter = self._gram - self.n * np.outer(delta, delta)
+        _, total, gram = self._sums()[:3]
+        delta = total / self.n
+        scatter = gram - self.n * np.outer(delta, delta)
         scatter = (scatter + scatter.T) / 2.0
         return scatter / (self.n - ddof)
 
@@ -126,13 +186,14 @@ class StreamingMoments:
         """sum_k |x_k - mean|^4, expanded about the shift: with d = mean - shift,
         |y - d|^4 summed = Q4 + 4 d^T G d - 4 d^T C3 + 2 |d|^2 S2 - 3 n |d|^4."""
         self._check()
-        d = self._sum / self.n
+        _, total, gram, sq, cube, quartic = self._sums()
+        d = total / self.n
         dd = float(d @ d)
         total = (
-            self._quartic
-            + 4.0 * float(d @ self._gram @ d)
-            - 4.0 * float(d @ self._cube)
-            + 2.0 * dd * self._sq
+            quartic
+            + 4.0 * float(d @ gram @ d)
+            - 4.0 * float(d @ cube)
+            + 2.0 * dd * sq
             - 3.0 * self.n * dd * dd
         )
         return max(total, 0.0)
@@ -181,34 +242,34 @@ def shrunk_covariance(
     return cov, s
 
 
-def eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (ascending) and eigenvectors of a symmetric matrix, on one BLAS thread.
+def whitening_matrix(cov: Any) -> np.ndarray:
+    """W with W^T cov W = I (PCA whitening): |(x - mu) W|^2 is the Mahalanobis distance.
 
-    At activation widths (d ~ 1e3) LAPACK's symmetric eigensolver gains nothing from threads,
-    and on a busy machine BLAS threads spinning on a descheduled sibling made it 10-50x slower.
-    """
-    with threadpool_limits(limits=1, user_api="blas"):
-        return np.linalg.eigh(matrix)
-
-
-def whitening_matrix(cov: np.ndarray) -> np.ndarray:
-    """W with W^T cov W = I (PCA whitening): |(x - mu) W|^2 is the Mahalanobis distance."""
+    `cov` is numpy or a tensor (decomposed on its device, see `eigh`); W is numpy."""
     eigvals, eigvecs = eigh(cov)
     top = max(float(eigvals[-1]), np.finfo(np.float64).tiny)
     eigvals = np.maximum(eigvals, EIGEN_FLOOR * top)
     return eigvecs / np.sqrt(eigvals)
 
 
-def moments_of(x: np.ndarray) -> StreamingMoments:
+def moments_of(x: Any) -> StreamingMoments:
     return StreamingMoments().update(x)
 
 
-def squared_norms(x: np.ndarray, location: np.ndarray, projection: np.ndarray) -> np.ndarray:
+def squared_norms(x: Any, location: Any, projection: Any) -> Any:
     """|(x - location) @ projection|^2 per row, chunk by chunk, summed in float64.
 
     The product runs in x's precision: float32 activations get float32 BLAS (their own
-    precision), float64 ones float64.
+    precision), float64 ones float64. A tensor `x` (with `location` and `projection` on its
+    device) gives a float64 tensor there.
     """
+    if is_tensor(x):
+        location, projection = location.to(x.dtype), projection.to(x.dtype)
+        out = torch.empty(len(x), dtype=torch.float64, device=x.device)
+        for start in chunks(len(x), CHUNK_ROWS):
+            z = (x[start : start + CHUNK_ROWS] - location) @ projection
+            out[start : start + CHUNK_ROWS] = rowdot(z)
+        return out
     location = location.astype(x.dtype, copy=False)
     projection = projection.astype(x.dtype, copy=False)
     out = np.empty(len(x))
@@ -239,6 +300,7 @@ class Mahalanobis(ActivationDetector):
     param_rules = {"relative": BOOLEAN}
     reference = "Lee et al. 2018, A Simple Unified Framework for Detecting OOD Samples"
     streaming = True
+    tensor_inputs = True
 
     def __init__(
         self,
@@ -250,7 +312,7 @@ class Mahalanobis(ActivationDetector):
         self.shrinkage = shrinkage
         self.relative = relative
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None) -> None:
+    def _fit(self, trusted: Any, untrusted: Any) -> None:
         self._fit_moments(moments_of(trusted))
 
     def _fit_moments(self, moments: StreamingMoments) -> None:
@@ -259,15 +321,17 @@ class Mahalanobis(ActivationDetector):
         self.covariance_ = cov
         self.shrinkage_ = s
         self.n_samples_ = moments.n
-        self.whitening_ = whitening_matrix(cov)
+        self.whitening_ = whitening_matrix(to_device(cov, moments.device))
         self.precision_ = self.whitening_ @ self.whitening_.T
         if self.relative:
             self.diag_precision_ = 1.0 / np.maximum(np.diag(cov), EIGEN_FLOOR * np.diag(cov).max())
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        scores = squared_norms(x, self.location_, self.whitening_)
+    def _score(self, x: Any) -> Any:
+        location = self._learned("location_", x)
+        scores = squared_norms(x, location, self._learned("whitening_", x))
         if self.relative:
+            diag_precision = self._learned("diag_precision_", x)
             for start in chunks(len(x), CHUNK_ROWS):
-                delta = x[start : start + CHUNK_ROWS].astype(np.float64) - self.location_
-                scores[start : start + CHUNK_ROWS] -= (delta * delta) @ self.diag_precision_
+                delta = f64(x[start : start + CHUNK_ROWS]) - location
+                scores[start : start + CHUNK_ROWS] -= (delta * delta) @ diag_precision
         return scores

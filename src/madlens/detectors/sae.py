@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from madlens import cache
+from madlens.detectors.backend import f64, is_tensor, like, to_numpy
 from madlens.detectors.base import SEED, ActivationDetector, Activations, integer, path
 from madlens.errors import MadlensError
 
@@ -49,7 +50,11 @@ class _SAEDetector(ActivationDetector):
     param_rules = {"sae": path(), "latents": integer(1), "k": integer(1), "steps": integer(1),
                    "seed": SEED}  # fmt: skip
     """Shared fitting: SAE weights as learned arrays, plus each latent's trusted firing
-    frequency (Laplace-smoothed, so a latent never seen firing is rare, not impossible)."""
+    frequency (Laplace-smoothed, so a latent never seen firing is rare, not impossible).
+    Given torch tensors, encoding and reconstruction run on their device; the small SAE is
+    trained on the host."""
+
+    tensor_inputs = True
 
     def __init__(
         self,
@@ -76,7 +81,7 @@ class _SAEDetector(ActivationDetector):
             )
         return super().fit(trusted, untrusted, **fit_inputs)  # type: ignore[return-value]
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, **fit_inputs: Any) -> None:
+    def _fit(self, trusted: Any, untrusted: Any, **fit_inputs: Any) -> None:
         if self.sae is not None:
             from madlens.sae.io import load_sae
             from madlens.sae.topk import TopKSAE
@@ -90,11 +95,12 @@ class _SAEDetector(ActivationDetector):
             state["apply_b_dec"] = np.array(int(model.cfg.apply_b_dec_to_input))
         else:
             k = max(1, min(self.k, self.latents))
-            name = cache.key(trusted=trusted, latents=self.latents, k=k, steps=self.steps,
+            rows = to_numpy(trusted)
+            name = cache.key(trusted=rows, latents=self.latents, k=k, steps=self.steps,
                              seed=self.seed)  # fmt: skip
 
             def train() -> dict[str, np.ndarray]:
-                model = _fit_small_sae(trusted, self.latents, k, self.steps, self.seed)
+                model = _fit_small_sae(rows, self.latents, k, self.steps, self.seed)
                 return _weights(model) | {"k": np.array(k), "apply_b_dec": np.array(1)}
 
             state = cache.load_or_compute(cache.folder("sae_detectors") / f"{name}.safetensors",
@@ -107,21 +113,27 @@ class _SAEDetector(ActivationDetector):
         self.topk_ = int(state["k"].reshape(-1)[0])
         self.apply_b_dec_ = int(state["apply_b_dec"].reshape(-1)[0])
         latents = self._latents(trusted)
-        fired = (latents > 0).sum(0)
+        fired = to_numpy((latents > 0).sum(0))
         self.frequency_ = ((fired + 1.0) / (len(trusted) + 2.0)).astype(np.float64)
 
-    def _latents(self, x: np.ndarray) -> np.ndarray:
-        x_in = x - self.b_dec_ if self.apply_b_dec_ else x
-        pre = torch.from_numpy(np.ascontiguousarray(x_in, dtype=np.float32)) @ torch.from_numpy(
-            self.W_enc_
-        ) + torch.from_numpy(self.b_enc_)
+    def _latents(self, x: Any) -> Any:
+        """The SAE's latents of each row (float32), as numpy or as a tensor on x's device."""
+        x_in = x - self._learned("b_dec_", x) if self.apply_b_dec_ else x
+        if is_tensor(x):
+            x_in = x_in.to(torch.float32)
+        else:
+            x_in = torch.from_numpy(np.ascontiguousarray(x_in, dtype=np.float32))
+        w_enc, b_enc = (torch.as_tensor(self._learned(name, x)) for name in ("W_enc_", "b_enc_"))
+        pre = x_in @ w_enc + b_enc
         if self.topk_:
             values, index = pre.topk(min(self.topk_, pre.shape[1]), dim=-1)
-            return torch.zeros_like(pre).scatter_(-1, index, values.relu()).numpy()
-        return pre.relu().numpy()
+            latents = torch.zeros_like(pre).scatter_(-1, index, values.relu())
+        else:
+            latents = pre.relu()
+        return latents if is_tensor(x) else latents.numpy()
 
-    def _reconstruct(self, latents: np.ndarray) -> np.ndarray:
-        return latents @ self.W_dec_ + self.b_dec_
+    def _reconstruct(self, latents: Any) -> Any:
+        return latents @ self._learned("W_dec_", latents) + self._learned("b_dec_", latents)
 
 
 class SAERecon(_SAEDetector):
@@ -131,7 +143,7 @@ class SAERecon(_SAEDetector):
     name = "sae-recon"
     reference = "SAE reconstruction error (Bricken et al. 2023, Towards Monosemanticity)"
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: Any) -> Any:
         recon = self._reconstruct(self._latents(x))
         return ((x - recon) ** 2).sum(1)
 
@@ -144,14 +156,18 @@ class SAERare(_SAEDetector):
     name = "sae-rare"
     reference = "rare SAE latents firing (Bricken et al. 2023, Towards Monosemanticity)"
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
+    def _score(self, x: Any) -> Any:
         active = self._latents(x) > 0
         p = self.frequency_
         silent_cost = -np.log1p(-p)
-        return active @ (-np.log(p) - silent_cost) + silent_cost.sum()
+        weights = -np.log(p) - silent_cost
+        if is_tensor(active):
+            return f64(active) @ like(weights, active) + silent_cost.sum()
+        return active @ weights + silent_cost.sum()
 
-    def surprise(self, x: np.ndarray) -> np.ndarray:
+    def surprise(self, x: Any) -> np.ndarray:
         """Per-latent contribution `-log p_j` of the firing latents of each row (0 if silent):
         the latents that made an input anomalous, largest first when sorted."""
         self._check_fitted()
-        return (self._latents(np.asarray(x, dtype=np.float32)) > 0) * -np.log(self.frequency_)
+        x = x.detach().to(torch.float32) if is_tensor(x) else np.asarray(x, dtype=np.float32)
+        return to_numpy(self._latents(x) > 0) * -np.log(self.frequency_)

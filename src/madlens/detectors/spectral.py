@@ -5,8 +5,11 @@ All three project with eigenvectors of a covariance, after centring on the trust
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from madlens.detectors.backend import f64, like, sqrt, to_device
 from madlens.detectors.base import BOOLEAN, ActivationDetector, real
 from madlens.detectors.gaussian import (
     StreamingMoments,
@@ -22,17 +25,18 @@ __all__ = ["QUE", "PCAResidual", "SpectralSignature"]
 
 
 def _whitened_untrusted(
-    trusted: np.ndarray, untrusted: np.ndarray, shrinkage: str | float | None, whiten: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(trusted mean, whitening matrix W, centred whitened untrusted rows)."""
+    trusted: Any, untrusted: Any, shrinkage: str | float | None, whiten: bool = True
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(trusted mean, whitening matrix W, centred whitened untrusted rows); the rows are a
+    tensor on the untrusted tensor's device, or numpy."""
     moments = moments_of(trusted)
     location = moments.mean
     if whiten:
         cov, _ = shrunk_covariance(moments, shrinkage)
-        w = whitening_matrix(cov)
+        w = whitening_matrix(to_device(cov, moments.device))
     else:
         w = np.eye(moments.n_features)
-    z = (untrusted.astype(np.float64) - location) @ w
+    z = (f64(untrusted) - like(location, untrusted)) @ like(w, untrusted)
     return location, w, z - z.mean(0)
 
 
@@ -58,6 +62,7 @@ class QUE(ActivationDetector):
     param_rules = {"alpha": real(0, strict=False)}
     reference = "Dong, Hopkins & Li 2019, Quantum Entropy Scoring"
     uses_untrusted = True
+    tensor_inputs = True
 
     def __init__(
         self,
@@ -69,7 +74,7 @@ class QUE(ActivationDetector):
         self.alpha = alpha
         self.shrinkage = shrinkage
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray) -> None:
+    def _fit(self, trusted: Any, untrusted: Any) -> None:
         location, w, z = _whitened_untrusted(trusted, untrusted, self.shrinkage)
         eigvals, eigvecs = eigh(z.T @ z / len(z))
         top = float(eigvals[-1])
@@ -83,8 +88,8 @@ class QUE(ActivationDetector):
         self.projection_ = (w @ eigvecs) * np.sqrt(weights)
         self.untrusted_top_eigenvalue_ = top
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        return squared_norms(x, self.location_, self.projection_)
+    def _score(self, x: Any) -> Any:
+        return squared_norms(x, self._learned("location_", x), self._learned("projection_", x))
 
 
 class SpectralSignature(ActivationDetector):
@@ -104,6 +109,7 @@ class SpectralSignature(ActivationDetector):
     param_rules = {"whiten": BOOLEAN}
     reference = "Tran, Li & Madry 2018, Spectral Signatures in Backdoor Attacks"
     uses_untrusted = True
+    tensor_inputs = True
 
     def __init__(
         self,
@@ -115,14 +121,15 @@ class SpectralSignature(ActivationDetector):
         self.whiten = whiten
         self.shrinkage = shrinkage
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray) -> None:
+    def _fit(self, trusted: Any, untrusted: Any) -> None:
         location, w, z = _whitened_untrusted(trusted, untrusted, self.shrinkage, self.whiten)
         _, eigvecs = eigh(z.T @ z)
         self.location_ = location
         self.direction_ = w @ eigvecs[:, -1]
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        projection = (x.astype(np.float64, copy=False) - self.location_) @ self.direction_
+    def _score(self, x: Any) -> Any:
+        location, direction = self._learned("location_", x), self._learned("direction_", x)
+        projection = (f64(x) - location) @ direction
         return projection * projection
 
 
@@ -144,6 +151,7 @@ class PCAResidual(ActivationDetector):
     param_rules = {"center": BOOLEAN}
     reference = "Wang et al. 2022, ViM: Out-Of-Distribution with Virtual-logit Matching"
     streaming = True
+    tensor_inputs = True
 
     def __init__(
         self, n_components: int | float = 0.9, center: bool = True, aggregation: str = "mean"
@@ -152,13 +160,13 @@ class PCAResidual(ActivationDetector):
         self.n_components = n_components
         self.center = center
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None) -> None:
+    def _fit(self, trusted: Any, untrusted: Any) -> None:
         self._fit_moments(moments_of(trusted))
 
     def _fit_moments(self, moments: StreamingMoments) -> None:
         d = moments.n_features
         second = moments.covariance() if self.center else moments.second_moment()
-        eigvals, eigvecs = eigh(second)  # ascending
+        eigvals, eigvecs = eigh(to_device(second, moments.device))  # ascending
         k = self._components(eigvals[::-1], d)
         self.location_ = moments.mean if self.center else np.zeros(d)
         self.residual_basis_ = np.ascontiguousarray(eigvecs[:, : d - k])
@@ -179,5 +187,6 @@ class PCAResidual(ActivationDetector):
             raise MadlensError(f"n_components must be in [1, {d - 1}] for {d} features, got {n}")
         return n
 
-    def _score(self, x: np.ndarray) -> np.ndarray:
-        return np.sqrt(squared_norms(x, self.location_, self.residual_basis_))
+    def _score(self, x: Any) -> Any:
+        basis = self._learned("residual_basis_", x)
+        return sqrt(squared_norms(x, self._learned("location_", x), basis))
