@@ -25,6 +25,7 @@ from madlens.cli import (
     monitor,
     runs,
     sae,
+    serve,
     tasks,
     truth,
 )
@@ -39,6 +40,7 @@ app = typer.Typer(
 app.command("explain")(sae.explain)
 app.command("extract")(extract.extract)
 app.command("bench")(bench.bench)
+app.command("serve")(serve.serve)
 app.add_typer(models.app, name="models")
 app.add_typer(circuits.app, name="circuits")
 app.add_typer(sae.app, name="sae")
