@@ -160,6 +160,7 @@ def model(data, world: Path, chat: bool = False) -> str:
 
 BOOL = (st.booleans(), st.booleans())
 DTYPE = (st.sampled_from(["float32", "bfloat16"]), st.sampled_from(["float16", "f8", ""]))
+DEVICE = (st.sampled_from(["cpu", "auto"]), st.sampled_from(["nonsense", "cuda:99", "", "gpu"]))
 SEED = (ints(0, 2**32 - 1), st.one_of(ints(-3, -1), ints(2**32, 2**40), TEXT))
 HOOK_LIST = (comma_list(HOOKS[:3] + ["blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"]),
              st.one_of(comma_list(HOOKS), st.sampled_from([",", " "]), TEXT))  # fmt: skip
@@ -185,7 +186,7 @@ def test_extract(world, data):
         "--hooks": HOOK_LIST,
         "--positions": (comma_list(["last", "all", "response", "mean"]),
                         st.one_of(st.sampled_from(["first", ",", ""]), TEXT)),
-        "--dtype": DTYPE, "--batch-size": (ints(1, 20), ints(-1, 0)),
+        "--dtype": DTYPE, "--device": DEVICE, "--batch-size": (ints(1, 20), ints(-1, 0)),
         "--padding-side": (st.sampled_from(["left", "right"]), TEXT),
         "--max-length": (ints(1, 300), ints(-2, 0)), "--logits": BOOL, "--logprobs": BOOL,
         "--strict": BOOL,
@@ -207,7 +208,7 @@ def test_bench(world, data):
             "--detectors", detectors, "--model", model(data, world)]  # fmt: skip
     args += options(data, {
         "--tasks": (st.sampled_from([",", "nope"]), st.sampled_from([" , ", "nope,"])),
-        "--hooks": HOOK_LIST, "--seed": SEED, "--dtype": DTYPE,
+        "--hooks": HOOK_LIST, "--seed": SEED, "--dtype": DTYPE, "--device": DEVICE,
     })  # fmt: skip
     check(args)
     files.close()
@@ -234,7 +235,7 @@ def test_sae_train(world, data):
         "--k": (ints(1, 8), ints(-1, 300)),
         "--l1": (st.sampled_from(["0", "5"]), st.sampled_from(["-1", "nan", "inf"])),
         "--lr": (st.sampled_from(["1e-3"]), st.sampled_from(["0", "-0.1", "nan", "inf"])),
-        "--dtype": DTYPE, "--seed": SEED,
+        "--dtype": DTYPE, "--device": DEVICE, "--seed": SEED,
     })  # fmt: skip
     check(args)
     files.close()
@@ -263,7 +264,8 @@ def test_explain(world, data):
     args = ["explain", "--sae", sae_dir(world, files, data), "--text", data.draw(TEXT, "text")]
     args += options(data, {
         "--model": (st.just("tiny-test"), st.sampled_from(["gpt-17", str(world)])),
-        "--top": (ints(1, 5), ints(-1, 0)), "--dtype": DTYPE, "--dashboard": (TEXT, TEXT),
+        "--top": (ints(1, 5), ints(-1, 0)), "--dtype": DTYPE, "--device": DEVICE,
+        "--dashboard": (TEXT, TEXT),
     })  # fmt: skip
     check(args)
     files.close()
@@ -281,7 +283,7 @@ def test_sae_dashboard(world, data):
             "--corpus", str(corpus_path),
             "--tokens", pick(data, "--tokens", ints(32, 256), ints(-1, 1))]  # fmt: skip
     args += options(data, {"--model": (st.just("tiny-test"), st.just("gpt-17")),
-                           "--dtype": DTYPE})  # fmt: skip
+                           "--dtype": DTYPE, "--device": DEVICE})  # fmt: skip
     check(args)
     files.close()
 
@@ -294,7 +296,7 @@ def test_circuits_ioi(world, data):
             "--model", model(data, world),
             "--n-prompts", pick(data, "--n-prompts", ints(2, 4), ints(-1, 1))]  # fmt: skip
     args += options(data, {
-        "--dtype": DTYPE, "--seed": SEED,
+        "--dtype": DTYPE, "--device": DEVICE, "--seed": SEED,
         "--threshold": (st.sampled_from(["0", "0.5"]), st.sampled_from(["-1", "nan", "inf"])),
         "--min-attention": (st.sampled_from(["0", "0.5", "1"]),
                             st.sampled_from(["-0.1", "2", "nan"])),
@@ -317,7 +319,7 @@ def test_truth_sweep(world, data):
         "--hooks": HOOK_LIST,
         "--transfer-hook": (st.sampled_from(["0", "1", "-1"]),
                             st.one_of(st.sampled_from(HOOKS + [",", "0,1"]), TEXT)),
-        "--seed": SEED, "--dtype": DTYPE,
+        "--seed": SEED, "--dtype": DTYPE, "--device": DEVICE,
     })  # fmt: skip
     check(args)
     files.close()

@@ -102,10 +102,15 @@ def test_dtypes():
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
     import torch
 
-    from madlens.models import loading
+    from madlens.models import devices, loading
 
-    assert loading.fast_bfloat16.__wrapped__() in (True, False)  # the real probe answers
+    assert devices.fast_bfloat16.__wrapped__() in (True, False)  # the real probe answers
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(loading, "fast_bfloat16", lambda native=native: native)
+        monkeypatch.setattr(devices, "fast_bfloat16", lambda native=native: native)
         assert loading.resolve_dtype("auto") == expected
+        assert loading.resolve_dtype("auto", torch.device("cpu")) == expected
+        assert loading.resolve_dtype("auto", "mps") == torch.float32  # MPS: always float32
     assert loading.resolve_dtype("float32") == torch.float32
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert loading.resolve_dtype("auto", "cuda") == expected

@@ -27,6 +27,7 @@ from madlens.activations.store import (
 from madlens.cache import folder as cache_folder
 from madlens.cache import touch
 from madlens.errors import MadlensError
+from madlens.models.devices import device_key
 
 Input = str | list[dict[str, str]] | list[int]  # text, conversation or token ids
 CHUNK = 512  # inputs per cache shard
@@ -36,16 +37,37 @@ class TruncationWarning(UserWarning):
     """An input was longer than the model's context and lost its first tokens."""
 
 
-def _select(tensor: torch.Tensor, batch: list[Encoded], offsets: list[int], position: str):
-    """Rows of one hook's `(batch, pos, ...)` output that `position` keeps, as float32."""
+def _last_index(
+    batch: list[Encoded], offsets: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (row, column) index of each input's last span token, on `device`."""
+    cols = [off + enc.span[1] - 1 for enc, off in zip(batch, offsets)]
+    return torch.arange(len(batch), device=device), torch.tensor(cols, device=device)
+
+
+def _select(
+    tensor: torch.Tensor,
+    batch: list[Encoded],
+    offsets: list[int],
+    position: str,
+    last: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Rows of one hook's `(batch, pos, ...)` output that `position` keeps: a new tensor on
+    the model's device (brought to the host after the forward pass, see `_to_host`); `last`
+    is `_last_index` of the batch, made once for every hook."""
     if position == "last":
-        cols = torch.tensor([off + enc.span[1] - 1 for enc, off in zip(batch, offsets)])
-        return tensor[torch.arange(len(batch)), cols].float().numpy()
+        rows, cols = last if last is not None else _last_index(batch, offsets, tensor.device)
+        return tensor[rows, cols]
     rows = []
     for i, (enc, off) in enumerate(zip(batch, offsets)):
         part = tensor[i, off + enc.span[0] : off + enc.span[1]].float()
         rows.append(part.mean(0, keepdim=True) if position == "mean" else part)
-    return torch.cat(rows).numpy()
+    return torch.cat(rows)
+
+
+def _to_host(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 numpy copy of a device tensor (the same tensor's memory on the CPU)."""
+    return tensor.float().cpu().numpy()
 
 
 def _run_batch(
@@ -60,6 +82,7 @@ def _run_batch(
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None, list[np.ndarray] | None, Any]:
     width = max(len(enc.input_ids) for enc in batch)
     pad_id = model.tokenizer.pad_token_id
+    # Built on the host and moved in one copy each: row by row on a GPU is a launch per row.
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     offsets = []
@@ -69,11 +92,14 @@ def _run_batch(
         ids[i, off : off + n] = torch.tensor(enc.input_ids)
         mask[i, off : off + n] = 1
         offsets.append(off)
-    captured: dict[str, np.ndarray] = {}
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    last = _last_index(batch, offsets, model.device) if position == "last" else None
+    selected: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str):
         def hook(tensor: torch.Tensor, hook: Any) -> None:
-            captured[name] = _select(tensor.detach(), batch, offsets, position)
+            # kept on the device: a copy to the host here would stall the forward pass
+            selected[name] = _select(tensor.detach(), batch, offsets, position, last)
 
         return hook
 
@@ -89,10 +115,12 @@ def _run_batch(
         )
     if keep_cache:
         logits, kv_cache = logits
+    captured = {name: _to_host(tensor) for name, tensor in selected.items()}
     final_logits = token_logprobs = None
     if want_logits:
-        cols = torch.tensor([off + len(enc.input_ids) - 1 for enc, off in zip(batch, offsets)])
-        final_logits = logits[torch.arange(len(batch)), cols].float().numpy()
+        cols = [off + len(enc.input_ids) - 1 for enc, off in zip(batch, offsets)]
+        rows = torch.arange(len(batch), device=logits.device)
+        final_logits = _to_host(logits[rows, torch.tensor(cols, device=logits.device)])
     if want_logprobs:
         token_logprobs = []
         for i, (enc, off) in enumerate(zip(batch, offsets)):
@@ -100,7 +128,7 @@ def _run_batch(
             # Logits at column t predict the token at column t + 1.
             scores = logits[i, off + start - 1 : off + end - 1].float().log_softmax(-1)
             targets = ids[i, off + start : off + end]
-            token_logprobs.append(scores.gather(-1, targets[:, None])[:, 0].numpy())
+            token_logprobs.append(_to_host(scores.gather(-1, targets[:, None])[:, 0]))
     if keep_cache:
         return captured, final_logits, token_logprobs, Prefill(ids, mask, logits, kv_cache)
     return captured, final_logits, token_logprobs, None
@@ -152,7 +180,8 @@ def _compute_chunk(
 class Prefill:
     """A left-padded batch's forward pass, kept for generation to continue from:
     `input_ids` and `attention_mask` `(batch, width)`, every position's `logits`, and the
-    Hugging Face KV cache (`kv_cache`) the model's own forward accepts as `past_key_values`."""
+    Hugging Face KV cache (`kv_cache`) the model's own forward accepts as `past_key_values`;
+    all on the model's device."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -244,8 +273,10 @@ def stream(
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     limit = min(max_length or model.n_ctx, model.n_ctx)
     dtype = str(model.dtype).removeprefix("torch.")
-    key = cache_key(model.fingerprint, dtype, position, inputs, limit)
-    meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype}
+    # the device type joins the key off the CPU only: CPU entries keep the keys they had
+    where = device_key(model.device)
+    key = cache_key(model.fingerprint, dtype, position, inputs, limit, where.get("device"))
+    meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype, **where}
     meta |= {"position": position, "n_inputs": len(inputs), "max_length": limit}
     cache = ActivationCache(root / key, meta)
     wanted = list(hooks) + ([LOGITS] if logits else []) + ([LOGPROBS] if logprobs else [])

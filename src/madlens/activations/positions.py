@@ -87,7 +87,7 @@ def _probe(model: Any, hooks: list[str], position: str | None) -> dict[str, tupl
     length = next(n for n in range(3, 1 << 20) if n not in heads)
     batch = 2
     pad = model.tokenizer.pad_token_id or 0
-    ids = torch.full((batch, length), pad, dtype=torch.long)
+    ids = torch.full((batch, length), pad, dtype=torch.long, device=model.device)
     seen: dict[str, Any] = {}
 
     def record(name: str) -> Any:

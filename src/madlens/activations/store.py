@@ -68,10 +68,20 @@ class Activations:
         )
 
 
-def cache_key(fingerprint: str, dtype: str, position: str, inputs: list, max_length: int) -> str:
-    """The cache folder name for one (model, dtype, position, data, context) combination."""
+def cache_key(
+    fingerprint: str,
+    dtype: str,
+    position: str,
+    inputs: list,
+    max_length: int,
+    device: str | None = None,
+) -> str:
+    """The cache folder name for one (model, dtype, position, data, context) combination,
+    and the device type (`cuda`, `mps`) when it is not the CPU: `None` (the CPU) adds
+    nothing to the key, so entries computed on the CPU keep their keys."""
+    where = {} if device is None else {"device": device}
     return cache.key(format=FORMAT_VERSION, model=fingerprint, dtype=dtype, position=position,
-                     inputs=inputs, max_length=max_length)  # fmt: skip
+                     inputs=inputs, max_length=max_length, **where)  # fmt: skip
 
 
 def _slot(name: str) -> str:

@@ -19,7 +19,7 @@ from madlens.bench.runner import (
 )
 from madlens.detectors import DETECTORS
 from madlens.errors import MadlensError
-from madlens.models import load_model, parse_hooks, resolve_dtype
+from madlens.models import load_model, parse_hooks, resolve_device, resolve_dtype
 from madlens.models.registry import DEFAULT_MODEL
 from madlens.tasks import TASKS, Task, TaskCheckError, build_task, load_task_file
 
@@ -35,15 +35,18 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`.
+    Fine-tunes, generations and activations run on `device` (`auto`: CUDA, else MPS, else
+    the CPU).
 
-    Detector names, hooks and dtype are checked before any task is built (a bad one costs
-    no fine-tune). A task whose planted behaviour did not take is left out (with a warning)
-    and listed under `failed_tasks`; a detector that raised is an `error` row; `problems`
-    lists both, and the caller decides whether they are an error."""
+    Detector names, hooks, dtype and device are checked before any task is built (a bad
+    one costs no fine-tune). A task whose planted behaviour did not take is left out (with a
+    warning) and listed under `failed_tasks`; a detector that raised is an `error` row;
+    `problems` lists both, and the caller decides whether they are an error."""
     detectors = detectors or default_detectors()
-    check_bench_args(detectors, hooks, model, dtype)
+    check_bench_args(detectors, hooks, model, dtype, device)
     if task_file is not None:
         chosen: list[Task | str] = [load_task_file(task_file, model)]
         chosen += list(tasks or [])
@@ -57,14 +60,17 @@ def run_bench(
     for item in chosen:
         try:
             task = (
-                item if isinstance(item, Task) else build_task(item, model, quick, seed, progress)
+                item
+                if isinstance(item, Task)
+                else build_task(item, model, quick, seed, progress, device=device)
             )
         except TaskCheckError as exc:
             # The planted behaviour did not take: no AUROC for this task, but the others run.
             failed[str(item)] = str(exc)
             warnings.warn(str(exc), stacklevel=2)
             continue
-        results.append(run_task(task, detectors, hooks, seed, n_resamples, progress, dtype))
+        results.append(run_task(task, detectors, hooks, seed, n_resamples, progress, dtype,
+                                device=device))  # fmt: skip
     doc = results_json(model, results)
     doc["failed_tasks"] = failed
     if out is not None:
@@ -75,16 +81,19 @@ def run_bench(
     return doc, results
 
 
-def check_bench_args(detectors: list[str], hooks: list[str] | None, model: str, dtype: str) -> None:
-    """Fail with one line on an unknown detector, dtype or hook (one the base model lacks, or
-    one no position can read), before any task is built: a LoRA fine-tune keeps the base
-    model's hooks."""
+def check_bench_args(
+    detectors: list[str], hooks: list[str] | None, model: str, dtype: str, device: str = "auto"
+) -> None:
+    """Fail with one line on an unknown detector, dtype, device or hook (one the base model
+    lacks, or one no position can read), before any task is built: a LoRA fine-tune keeps
+    the base model's hooks."""
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
         raise MadlensError(f"unknown detector '{unknown[0]}'; known: {', '.join(DETECTORS)}")
     resolve_dtype(dtype)
+    resolve_device(device)
     if hooks:
-        lm = load_model(model, dtype=dtype)
+        lm = load_model(model, dtype=dtype, device=device)
         hook_shapes(lm, lm.check_hooks(parse_hooks(",".join(hooks), lm.n_layers)))
 
 

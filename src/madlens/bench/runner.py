@@ -136,8 +136,10 @@ def run_task(
     n_resamples: int = 1000,
     progress: bool = True,
     dtype: str = "auto",
+    device: str = "auto",
 ) -> TaskResult:
-    """Run every detector on one task, per hook and on the multi-hook aggregate."""
+    """Run every detector on one task, per hook and on the multi-hook aggregate, with the
+    task's model on `device`."""
     start = time.perf_counter()
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
@@ -148,7 +150,7 @@ def run_task(
         if reason is not None:
             result.rows.append(na_row(task, name, reason))
     detectors = [name for name in detectors if reasons[name] is None]
-    model = load_model(task.model, dtype=dtype, adapter=task.adapter)
+    model = load_model(task.model, dtype=dtype, adapter=task.adapter, device=device)
     hooks = model.check_hooks(
         parse_hooks(",".join(hooks), model.n_layers) if hooks else default_hooks(model.n_layers)
     )

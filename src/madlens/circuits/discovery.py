@@ -15,6 +15,7 @@ from madlens.circuits import patching
 from madlens.circuits.ioi import POSITION_NAMES, IOIDataset, make_ioi
 from madlens.circuits.patching import Head, PatchingSession
 from madlens.circuits.probes import attention_probes
+from madlens.models.devices import device_key
 
 FORMAT_VERSION = 1
 CLASSES = (
@@ -296,7 +297,9 @@ def discover_ioi(
     max_heads = max_heads if max_heads is not None else max(1, (n_layers * n_heads) // 10)
     dtype = str(model.dtype).removeprefix("torch.")
     root = None if not cache else Path(cache_dir or cache_folder("circuits"))
-    store = ResultCache(root, [model.fingerprint, dtype, data_hash(data)])
+    # off the CPU, the device type joins the key (CPU entries keep the keys they had)
+    where = list(device_key(model.device).values())
+    store = ResultCache(root, [model.fingerprint, dtype, data_hash(data), *where])
     state: dict[str, PatchingSession] = {}
 
     def session() -> PatchingSession:
@@ -311,7 +314,10 @@ def discover_ioi(
 
     def baseline() -> dict[str, torch.Tensor]:
         s = session()
-        maps = {"clean": s.logit_diffs["clean"], "corrupted": s.logit_diffs["corrupted"]}
+        maps = {
+            "clean": s.logit_diffs["clean"].cpu(),
+            "corrupted": s.logit_diffs["corrupted"].cpu(),
+        }
         for query, key in ATTENTION_PAIRS:
             maps[f"attention {query}->{key}"] = patching.attention_between(
                 s, positions[query], positions[key]
@@ -475,7 +481,7 @@ def _example(session: PatchingSession, chosen: dict[str, list[Head]]) -> dict:
     out = {}
     for layer, head in _key_heads(chosen):
         pattern = session.caches["clean"][patching.attn_hook(layer, "hook_pattern")]
-        out[f"{layer}.{head}"] = pattern[0, head, :width, :width].float().clone()
+        out[f"{layer}.{head}"] = pattern[0, head, :width, :width].float().cpu().clone()
     return out
 
 

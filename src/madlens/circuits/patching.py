@@ -1,5 +1,9 @@
 """Activation and path patching on TransformerLens hook names, batched: each patched run is a
-copy in one big batch that starts at the first block it changes and reads only answer logits."""
+copy in one big batch that starts at the first block it changes and reads only answer logits.
+
+Everything runs on the model's device (`model.device`): the session keeps its prompts and
+caches there, takes index tensors from anywhere, and the public experiments return their
+`(n_layers, ...)` results on the host."""
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -70,6 +74,7 @@ class PatchingSession:
     prompt's position `end`, averaged over prompts; `normalise` maps it so that the clean run
     scores 1 and the corrupted run 0. Prompts are right-padded; the real positions never see
     the padding (causal attention), and patched runs skip it by grouping prompts by length.
+    Tokens, answers, positions and caches live on the model's device (`device`).
     """
 
     def __init__(
@@ -95,9 +100,11 @@ class PatchingSession:
             raise MadlensError("an answer position lies outside the prompt")
         self.model = model
         self.bridge = model.bridge
-        self.tokens = {"clean": clean_tokens.long(), "corrupted": corrupted_tokens.long()}
-        self.answers = answers.long()
-        self.end = end.long()
+        self.device = device = model.device
+        self.tokens = {"clean": clean_tokens.long().to(device),
+                       "corrupted": corrupted_tokens.long().to(device)}  # fmt: skip
+        self.answers = answers.long().to(device)
+        self.end = end.long().to(device)
         self.n = n
         self.batch_size = batch_size
         self.progress = progress
@@ -111,7 +118,7 @@ class PatchingSession:
         self._k_name = "hook_rot_k" if attn_hook(0, "hook_rot_k") in names else "hook_k"
         self.groups = self._make_groups()
         self.caches = {run: self._cache(self.tokens[run]) for run in RUNS}
-        rows = torch.arange(n)
+        rows = torch.arange(n, device=device)
         self.logit_diffs = {
             run: self._logit_diff(self.caches[run][FINAL][rows, self.end], self.answers)
             for run in RUNS
@@ -121,7 +128,7 @@ class PatchingSession:
 
     def _make_groups(self) -> list[Group]:
         groups = []
-        for width in sorted({int(e) + 1 for e in self.end}):
+        for width in sorted({e + 1 for e in self.end.tolist()}):
             rows = torch.nonzero(self.end + 1 == width).flatten()
             inputs = self._record_block_inputs(self.tokens["clean"][rows[:1], :width])
             groups.append(Group(rows, width, self.end[rows], inputs))
@@ -225,7 +232,7 @@ class PatchingSession:
         from `resid`, whose rows are copies of the group's prompts (copy-major)."""
         final = self.forward(layer, resid, group, hooks)
         copies = final.shape[0] // len(group.rows)
-        rows = torch.arange(final.shape[0])
+        rows = torch.arange(final.shape[0], device=final.device)
         at_end = final[rows, group.end.repeat(copies)]
         return self._logit_diff(at_end, self.answers[group.rows].repeat(copies, 1)).view(copies, -1)
 
@@ -235,7 +242,7 @@ class PatchingSession:
         corrupted = self.logit_diffs["corrupted"].mean()
         gap = clean - corrupted
         if abs(float(gap)) < 1e-6:
-            gap = torch.tensor(1e-6)
+            gap = gap.new_tensor(1e-6)
         return (logit_diff.float().mean(-1) - corrupted) / gap
 
     def sweep(
@@ -249,7 +256,7 @@ class PatchingSession:
         """Run `n_copies` patched copies of the `base` run from block `layer`, group by group
         in chunks of at most `batch_size` rows; `make_hooks(chunk, group)` builds the hooks for
         copies `chunk` of `group`'s prompts. Returns `(n_copies, n)` logit differences."""
-        out = torch.zeros(n_copies, self.n)
+        out = torch.zeros(n_copies, self.n, device=self.device)
         for group in self.groups:
             per_chunk = max(1, self.batch_size // len(group.rows))
             for start in range(0, n_copies, per_chunk):
@@ -281,11 +288,14 @@ class PatchingSession:
 def _position_columns(
     session: PatchingSession, positions: dict[str, torch.Tensor] | None
 ) -> tuple[list[str], torch.Tensor]:
-    """Named positions (`{"IO": (n,) indices, ...}`) or, by default, every raw position."""
+    """Named positions (`{"IO": (n,) indices, ...}`) or, by default, every raw position, as
+    `(columns, n)` indices on the session's device."""
     if positions is None:
         width = session.tokens["clean"].shape[1]
-        return [str(p) for p in range(width)], torch.arange(width)[:, None].expand(width, session.n)
-    return list(positions), torch.stack([positions[name].long() for name in positions])
+        every = torch.arange(width, device=session.device)[:, None].expand(width, session.n)
+        return [str(p) for p in range(width)], every
+    stacked = torch.stack([positions[name].long() for name in positions])
+    return list(positions), stacked.to(session.device)
 
 
 def patch_layer_pos(
@@ -308,14 +318,14 @@ def patch_layer_pos(
         raise MadlensError(f"hook must be resid_pre, attn_out or mlp_out, not '{hook}'")
     _check_run(base), _check_run(source)
     labels, columns = _position_columns(session, positions)
-    result = torch.zeros(session.n_layers, len(labels))
+    result = torch.zeros(session.n_layers, len(labels), device=session.device)
     bar = session.bar(session.n_layers * len(labels), f"patch {hook} by layer and position")
     for layer in range(session.n_layers):
         name = f"blocks.{layer}.hook_{hook}"
 
         def make_hooks(chunk: range, group: Group, name: str = name) -> list[Hook]:
             src = session.take(source, name, group)
-            local = torch.arange(len(group.rows))
+            local = torch.arange(len(group.rows), device=session.device)
 
             def patch(act: torch.Tensor, hook: Any) -> torch.Tensor:
                 act = _view(act.clone(), len(chunk))
@@ -330,7 +340,7 @@ def patch_layer_pos(
         lds = session.sweep(layer, len(labels), make_hooks, base, bar)
         result[layer] = session.normalise(lds) if normalise else lds.mean(-1)
     bar.close()
-    return result, labels
+    return result.cpu(), labels
 
 
 def patch_head_out(
@@ -347,13 +357,14 @@ def patch_head_out(
     All heads of a layer run as one batch that starts at that layer, reusing both caches.
     """
     _check_run(base), _check_run(source)
-    result = torch.zeros(session.n_layers, session.n_heads)
+    result = torch.zeros(session.n_layers, session.n_heads, device=session.device)
+    position = None if position is None else position.long().to(session.device)
     bar = session.bar(session.n_layers * session.n_heads, "patch head outputs")
     for layer in range(session.n_layers):
 
         def make_hooks(chunk: range, group: Group, layer: int = layer) -> list[Hook]:
             src = session.take(source, head_z(layer), group)
-            local = torch.arange(len(group.rows))
+            local = torch.arange(len(group.rows), device=session.device)
             where = None if position is None else position[group.rows]
 
             def patch(z: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -370,7 +381,7 @@ def patch_head_out(
         lds = session.sweep(layer, session.n_heads, make_hooks, base, bar)
         result[layer] = session.normalise(lds) if normalise else lds.mean(-1)
     bar.close()
-    return result
+    return result.cpu()
 
 
 def head_outputs(session: PatchingSession, layer: int, z: torch.Tensor) -> torch.Tensor:
@@ -378,7 +389,7 @@ def head_outputs(session: PatchingSession, layer: int, z: torch.Tensor) -> torch
     `(..., head, d_head)`: the block's own output projection applied to one head's slice at a
     time, minus its bias (shared by all heads, it belongs to none)."""
     project = session.bridge.blocks[layer].attn.o
-    eye = torch.eye(session.n_heads, dtype=z.dtype)
+    eye = torch.eye(session.n_heads, dtype=z.dtype, device=z.device)
     masked = z[None] * eye.view(session.n_heads, *[1] * (z.ndim - 2), session.n_heads, 1)
     flat = masked.flatten(-2)
     with torch.inference_mode():
@@ -414,7 +425,7 @@ def path_patch(
     if to_logits != (receiver_input == "logits") or (to_logits and receivers != "logits"):
         raise MadlensError("pass receivers='logits' with receiver_input='logits', else heads")
     if to_logits:
-        return _path_to_logits(session, senders, base, source, normalise)
+        return _path_to_logits(session, senders, base, source, normalise).cpu()
     receivers = sorted(set(receivers))
     if not receivers:
         raise MadlensError("path patching needs at least one receiver head")
@@ -422,13 +433,13 @@ def path_patch(
     if senders is None:
         senders = [(layer, h) for layer in range(top) for h in range(session.n_heads)]
     senders = sorted({(layer, h) for layer, h in senders if layer < top})
-    result = torch.full((session.n_layers, session.n_heads), float("nan"))
+    result = torch.full((session.n_layers, session.n_heads), float("nan"), device=session.device)
     bar = session.bar(len(senders), f"path patch -> {receiver_input}")
     for layer in sorted({layer for layer, _ in senders}):
         heads = [h for sl, h in senders if sl == layer]
         later = [(rl, rh) for rl, rh in receivers if rl > layer]
         first = min(rl for rl, _ in later)
-        lds = torch.zeros(len(heads), session.n)
+        lds = torch.zeros(len(heads), session.n, device=session.device)
         for group in session.groups:
             per_chunk = max(1, session.batch_size // len(group.rows))
             for start in range(0, len(heads), per_chunk):
@@ -445,7 +456,7 @@ def path_patch(
                 bar.update(len(chunk) * len(group.rows) / session.n)
         result[layer, heads] = session.normalise(lds) if normalise else lds.mean(-1)
     bar.close()
-    return result
+    return result.cpu()
 
 
 def _capture_receiver_inputs(
@@ -539,7 +550,7 @@ def _key_hooks(
     def scores(s: torch.Tensor, hook: Any) -> torch.Tensor:
         s = s.clone()
         width = s.shape[-1]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        causal = torch.ones(width, width, dtype=torch.bool, device=s.device).tril()
         for head in heads:
             g = session.group_of(head)
             q = seen["q"][:, :, head].float()
@@ -586,11 +597,11 @@ def _path_to_logits(
 ) -> torch.Tensor:
     """Sender -> logits: the `base` run's final residual plus the change in the sender's own
     write at the answer position, everything else frozen. No forward pass is needed."""
-    rows = torch.arange(session.n)
+    rows = torch.arange(session.n, device=session.device)
     final = session.caches[base][FINAL][rows, session.end]
     answers = session.answers.repeat(session.n_heads, 1)
     wanted = None if senders is None else set(senders)
-    result = torch.full((session.n_layers, session.n_heads), float("nan"))
+    result = torch.full((session.n_layers, session.n_heads), float("nan"), device=session.device)
     for layer in range(session.n_layers):
         z_base = session.caches[base][head_z(layer)][rows, session.end]
         z_source = session.caches[source][head_z(layer)][rows, session.end]
@@ -609,9 +620,9 @@ def head_means(
 ) -> dict[int, torch.Tensor]:
     """Every head's `z` averaged over the prompts of `run` that share a group id (IOI: a
     template, so positions line up), broadcast back to each prompt: `{layer: (n, pos, head,
-    d_head)}`, the values that mean-ablation writes."""
+    d_head)}`, the values that mean-ablation writes (on the session's device)."""
     _check_run(run)
-    groups = groups.long()
+    groups = groups.long().to(session.device)
     means = {}
     for layer in range(session.n_layers):
         z = session.caches[run][head_z(layer)]
@@ -634,16 +645,16 @@ def ablate_heads(
     """Run `base` once per ablation config, with the heads where `masks[c]` (`n_layers,
     n_heads`, bool) is True replaced by `values` (e.g. `head_means`). Returns `(configs,)`."""
     _check_run(base)
-    masks = masks.bool()
+    masks = masks.bool().to(session.device)
     if masks.ndim == 2:
         masks = masks[None]
     copies = masks.shape[0]
     touched = [layer for layer in range(session.n_layers) if masks[:, layer].any()]
     if not touched:
         lds = session.logit_diffs[base].repeat(copies, 1)
-        return session.normalise(lds) if normalise else lds.mean(-1)
+        return (session.normalise(lds) if normalise else lds.mean(-1)).cpu()
     first = touched[0]
-    lds = torch.zeros(copies, session.n)
+    lds = torch.zeros(copies, session.n, device=session.device)
     for group in session.groups:
         hooks: list[Hook] = []
         for layer in touched:
@@ -656,7 +667,7 @@ def ablate_heads(
             hooks.append((head_z(layer), ablate))
         resid = session.take(base, resid_pre(first), group, copies)
         lds[:, group.rows] = session.logit_diff_from(first, resid, group, hooks)
-    return session.normalise(lds) if normalise else lds.mean(-1)
+    return (session.normalise(lds) if normalise else lds.mean(-1)).cpu()
 
 
 def attention_between(
@@ -665,9 +676,10 @@ def attention_between(
     """Mean attention every head pays from per-prompt position `query` to position `key` in
     `run`: `(n_layers, n_heads)`."""
     _check_run(run)
-    rows = torch.arange(session.n)
-    out = torch.zeros(session.n_layers, session.n_heads)
+    rows = torch.arange(session.n, device=session.device)
+    query, key = query.long().to(session.device), key.long().to(session.device)
+    out = torch.zeros(session.n_layers, session.n_heads, device=session.device)
     for layer in range(session.n_layers):
         pattern = session.caches[run][attn_hook(layer, "hook_pattern")]
         out[layer] = pattern[rows, :, query, key].float().mean(0)
-    return out
+    return out.cpu()

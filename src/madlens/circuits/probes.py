@@ -36,8 +36,8 @@ def scores_from_patterns(patterns: torch.Tensor, length: int) -> dict[str, torch
       (i < length - 1, so the key is never t itself).
     """
     p = patterns.float()
-    pos = torch.arange(1, 2 * length + 1)
-    second = torch.arange(length + 1, 2 * length + 1)
+    pos = torch.arange(1, 2 * length + 1, device=p.device)
+    second = torch.arange(length + 1, 2 * length + 1, device=p.device)
     previous = p[..., pos, pos - 1]
     duplicate = p[..., second, second - length]
     induction = p[..., second[:-1], second[:-1] - length + 1]
@@ -52,13 +52,14 @@ def scores_from_patterns(patterns: torch.Tensor, length: int) -> dict[str, torch
 def attention_probes(
     model: Any, n_sequences: int = 20, length: int = 20, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Each probe's score for every head, `{probe: (n_layers, n_heads)}`, measured on
-    repeated random tokens (the standard test for induction heads)."""
-    tokens = repeated_tokens(model.tokenizer, n_sequences, length, seed)
+    """Each probe's score for every head, `{probe: (n_layers, n_heads)}` on the host,
+    measured on repeated random tokens (the standard test for induction heads) on the
+    model's device."""
+    tokens = repeated_tokens(model.tokenizer, n_sequences, length, seed).to(model.device)
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.n_layers)]
     with torch.inference_mode():
         _, cache = model.bridge.run_with_cache(
             tokens, names_filter=lambda name: name in names, use_cache=False
         )
     per_layer = [scores_from_patterns(cache[name], length) for name in names]
-    return {probe: torch.stack([scores[probe] for scores in per_layer]) for probe in PROBES}
+    return {probe: torch.stack([s[probe] for s in per_layer]).cpu() for probe in PROBES}

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Hooks, Model, OutDir, Seed, names, output_dir
+from madlens.cli.options import Device, Dtype, Hooks, Model, OutDir, Seed, names, output_dir
 from madlens.cli.runs import record_run
 from madlens.errors import MadlensError
 from madlens.models.registry import DEFAULT_MODEL
@@ -25,6 +25,7 @@ def bench(
     out: OutDir = Path("runs/bench"),
     seed: Seed = 0,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     verbose: Annotated[bool, typer.Option(help="print every row, not the matrix")] = False,
 ) -> None:
     """Build the tasks, run every detector on them, write results.json and report.html.
@@ -37,7 +38,8 @@ def bench(
     if task_file is not None and task_list is None:
         task_list = []
     doc, results = run_bench(task_list, names(detectors, "detectors"), names(hooks, "hooks"),
-                             model, task_file, quick, out, seed, True, dtype)  # fmt: skip
+                             model, task_file, quick, out, seed, True, dtype,
+                             device=device)  # fmt: skip
     typer.echo(format_table(doc, results, verbose=verbose))
     for result in results:
         if result.task.checks:

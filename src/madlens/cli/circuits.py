@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir
+from madlens.cli.options import Device, Dtype, Model, OutDir, Seed, output_dir
 from madlens.cli.runs import circuit_rows, record_run
 from madlens.models.registry import DEFAULT_MODEL
 
@@ -18,6 +18,7 @@ def ioi(
     out: OutDir,
     model: Model = DEFAULT_MODEL,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     n_prompts: Annotated[int, typer.Option(min=2, help="IOI prompt pairs")] = 50,
     seed: Seed = 0,
     threshold: Annotated[
@@ -42,7 +43,7 @@ def ioi(
 
     output_dir(out)
     start = time.perf_counter()
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     result = discover_ioi(
         lm, n_prompts=n_prompts, seed=seed, threshold=threshold, min_attention=min_attention,
         max_heads=max_heads, batch_size=batch_size, cache=cache,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Hooks, Model, OutDir, names, output_dir
+from madlens.cli.options import Device, Dtype, Hooks, Model, OutDir, names, output_dir
 from madlens.models.registry import DEFAULT_MODEL
 
 
@@ -19,7 +19,8 @@ def extract(
     positions: Annotated[str, typer.Option(help="comma-separated: last, all, response, mean")] = (
         "last"
     ),
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
+    device: Device = "auto",
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     padding_side: Annotated[str, typer.Option(help="right or left")] = "right",
     logits: Annotated[bool, typer.Option(help="also save final-token logits")] = False,
@@ -46,11 +47,12 @@ def extract(
     inputs = read_inputs(data)
     for position in position_list:
         check_inputs(inputs, position)
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     hook_list = lm.check_hooks(parse_hooks(hooks, lm.n_layers))
     for position in position_list:
         hook_shapes(lm, hook_list, position)
-    manifest = {"model": lm.name, "dtype": dtype, "n_inputs": len(inputs), "files": []}
+    manifest = {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."),
+                "device": str(lm.device), "n_inputs": len(inputs), "files": []}  # fmt: skip
     for position in position_list:
         acts = run_extract(
             lm, inputs, hook_list, position, batch_size=batch_size, padding_side=padding_side,

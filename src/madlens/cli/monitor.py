@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Hooks, Model, Seed, names, output_dir, output_file
+from madlens.cli.options import (
+    Device,
+    Dtype,
+    Hooks,
+    Model,
+    Seed,
+    names,
+    output_dir,
+    output_file,
+)
 from madlens.cli.runs import monitor_rows, record_run
 from madlens.models.registry import DEFAULT_MODEL
 
@@ -44,6 +53,7 @@ def fit(
         float, typer.Option(help="fraction of trusted inputs held out of the fit to calibrate")
     ] = 0.25,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
     """Fit detectors on trusted inputs, calibrate the threshold on held-out trusted inputs
@@ -61,7 +71,7 @@ def fit(
     detector_list = names(detectors, "detectors")
     monitor = Monitor(model, hooks=names(hooks, "hooks"), position=position,
                       detectors=detector_list, holdout=holdout, adapter=adapter, dtype=dtype,
-                      seed=seed)  # fmt: skip
+                      seed=seed, device=device)  # fmt: skip
     trusted_inputs = read_inputs(trusted)
     untrusted_inputs = read_inputs(untrusted) if untrusted is not None else None
     monitor.fit(trusted_inputs, untrusted_inputs).calibrate(fpr)
@@ -84,6 +94,7 @@ def score(
     model: Annotated[
         str | None, typer.Option(help="load this model instead of the saved spec")
     ] = None,
+    device: Device = "auto",
 ) -> None:
     """Score every input of --data; write one JSON line per input (scores, p-values, the
     combined p-value, the flag, the hook that contributed most) as it goes."""
@@ -93,7 +104,7 @@ def score(
     from madlens.monitor import Monitor
 
     output_file(out)
-    loaded = Monitor.load(monitor, model=model, progress=False)
+    loaded = Monitor.load(monitor, model=model, device=device, progress=False)
     records = read_jsonl(data)
     inputs = [record_input(r, f"{data}:{r['_line']}") for r in records]
     _ = loaded.model  # load (and check the fingerprint of) the model before writing anything

@@ -1,5 +1,5 @@
-"""Typed options the commands share (model, dtype, hooks, out, seed) and the small parsers
-that turn their strings into names, failing on a list that names nothing."""
+"""Typed options the commands share (model, dtype, device, hooks, out, seed) and the small
+parsers that turn their strings into names, failing on a list that names nothing."""
 
 from pathlib import Path
 from typing import Annotated
@@ -18,13 +18,33 @@ def _check_dtype(value: str | None) -> str | None:
     return value
 
 
+def _check_device(value: str | None) -> str | None:
+    """A device this machine has (`madlens.models.resolve_device`), checked before any work."""
+    if value is None:
+        return value
+    from madlens.models.devices import resolve_device  # torch: only when a command runs
+
+    try:
+        resolve_device(value)
+    except MadlensError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return value
+
+
 Model = Annotated[str, typer.Option(help="model name, Hugging Face id (org/name) or local dir")]
 Dtype = Annotated[
     str,
     typer.Option(
-        help="auto (bfloat16 where the CPU has native bfloat16, else float32), float32, "
-        "bfloat16 or float16",
+        help="auto (bfloat16 where the device computes it natively: a CPU with native "
+        "bfloat16, a CUDA GPU that supports it; else float32), float32, bfloat16 or float16",
         callback=_check_dtype,
+    ),  # fmt: skip
+]
+Device = Annotated[
+    str,
+    typer.Option(
+        help="where the model runs: auto (CUDA, else MPS, else the CPU), cpu, cuda, cuda:N or mps",
+        callback=_check_device,
     ),  # fmt: skip
 ]
 Hooks = Annotated[

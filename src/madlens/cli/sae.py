@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Model, OutDir, Seed, output_dir, output_file
+from madlens.cli.options import Device, Dtype, Model, OutDir, Seed, output_dir, output_file
 from madlens.cli.runs import record_run, sae_rows
 from madlens.models.registry import DEFAULT_MODEL
 
@@ -33,6 +33,7 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="activations per step")] = 1024,
     context_size: Annotated[int, typer.Option(min=2, help="tokens per window")] = 128,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
     """Train an SAE on one hook's activations; writes SAELens-format files (cfg.json,
@@ -43,7 +44,8 @@ def train(
     config = TrainConfig(architecture=architecture, k=k, expansion=expansion, l1_coefficient=l1,
                          lr=lr, batch_size=batch_size, seed=seed)  # fmt: skip
     metrics = train_on_model(model, hook, out, corpus=corpus, tokens=tokens,
-                             context_size=context_size, config=config, dtype=dtype)  # fmt: skip
+                             context_size=context_size, config=config, dtype=dtype,
+                             device=device)  # fmt: skip
     ev = metrics["eval"]
     typer.echo(
         f"{metrics['model']} {metrics['hook']}: {metrics['d_sae']} latents, "
@@ -66,12 +68,14 @@ def dashboard(
     corpus: Annotated[str, typer.Option(help="text the features are shown on")] = "default",
     tokens: Annotated[int, typer.Option(min=2, help="tokens of corpus to scan")] = 65_536,
     dtype: Dtype = "auto",
+    device: Device = "auto",
 ) -> None:
     """Write a self-contained feature dashboard (index by density, contexts, logit effects)."""
     from madlens.sae.dashboard import dashboard_for_sae
 
     output_file(out)
-    path = dashboard_for_sae(sae, out, model=model, corpus=corpus, tokens=tokens, dtype=dtype)
+    path = dashboard_for_sae(sae, out, model=model, corpus=corpus, tokens=tokens, dtype=dtype,
+                             device=device)  # fmt: skip
     typer.echo(f"wrote {path}")
 
 
@@ -82,11 +86,12 @@ def explain(
     dashboard: Annotated[str | None, typer.Option(help="dashboard HTML to link into")] = None,
     top: Annotated[int, typer.Option(min=1, help="features to list")] = 10,
     dtype: Dtype = "auto",
+    device: Device = "auto",
 ) -> None:
     """List the SAE features that fired on an input, rarest first, with dashboard links."""
     from madlens.sae.explain import explain_sae
 
-    hook, hits = explain_sae(sae, text, model=model, top=top, dtype=dtype)
+    hook, hits = explain_sae(sae, text, model=model, top=top, dtype=dtype, device=device)
     typer.echo(f"{len(hits)} rarest features on {hook} (density on the SAE's training data):")
     for hit in hits:
         link = f"  {dashboard}#feature-{hit.feature}" if dashboard else ""

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Dtype, Hooks, Model, OutDir, Seed, names, output_dir
+from madlens.cli.options import Device, Dtype, Hooks, Model, OutDir, Seed, names, output_dir
 from madlens.cli.runs import record_run, truth_rows
 from madlens.models.registry import DEFAULT_MODEL
 
@@ -31,6 +31,7 @@ def sweep(
         str | None, typer.Option(help="hook for the transfer matrix (default: middle one)")
     ] = None,
     dtype: Dtype = "auto",
+    device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
     """Accuracy by layer of CCS, CRC-TPC, a random direction, a logistic ceiling and the
@@ -46,7 +47,7 @@ def sweep(
     dataset_list = check_datasets(names(datasets, "datasets"))
     hook_list = names(hooks, "hooks")
     transfer_list = names(transfer_hook, "transfer-hook")
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     hook_list = parse_hooks(",".join(hook_list), lm.n_layers) if hook_list else None
     transfer = check_transfer_hook(lm, transfer_list, hook_list)
     doc = truth_sweep(lm, dataset_list, hook_list, n, seed, transfer)

@@ -18,6 +18,7 @@ from madlens.cache import folder, key, load_or_compute
 from madlens.detectors.base import Detector, as_matrix, real
 from madlens.detectors.probes import _labelled
 from madlens.errors import MadlensError
+from madlens.models.devices import device_key
 
 __all__ = [
     "ELICITATION_QUESTIONS",
@@ -124,7 +125,7 @@ def yes_no_token_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
 def _log_odds(logits: torch.Tensor, yes: list[int], no: list[int]) -> np.ndarray:
     """logP(yes) - logP(no) per row, each side summed over its spellings' tokens."""
     logprobs = logits.float().log_softmax(-1)
-    return (logprobs[:, yes].logsumexp(-1) - logprobs[:, no].logsumexp(-1)).numpy()
+    return (logprobs[:, yes].logsumexp(-1) - logprobs[:, no].logsumexp(-1)).cpu().numpy()
 
 
 def _question_ids(tokenizer: Any, transcript: list[dict], questions: Sequence[str]):  # noqa: ANN202
@@ -148,9 +149,10 @@ def _question_ids(tokenizer: Any, transcript: list[dict], questions: Sequence[st
 def _features_shared(model: Any, transcript: list[dict], questions: Sequence[str],
                      yes: list[int], no: list[int]) -> np.ndarray:  # fmt: skip
     """One forward over the shared prefix, then all questions in one batch reading its KV
-    cache (repeated across the batch)."""
+    cache (repeated across the batch), on the model's device."""
     ids, shared = _question_ids(model.tokenizer, transcript, questions)
     hf = model.hf_model
+    device = model.device
     suffixes = [x[shared:] for x in ids]
     width = max(len(s) for s in suffixes)
     pad = model.tokenizer.pad_token_id or 0
@@ -160,17 +162,21 @@ def _features_shared(model: Any, transcript: list[dict], questions: Sequence[str
     for i, s in enumerate(suffixes):
         batch[i, : len(s)] = torch.tensor(s)
         mask[i, shared : shared + len(s)] = 1
-    last = torch.tensor([len(s) - 1 for s in suffixes])
+    batch, mask = batch.to(device), mask.to(device)
+    last = torch.tensor([len(s) - 1 for s in suffixes], device=device)
     decoder = hf.get_decoder()
     with torch.inference_mode():
-        past = decoder(input_ids=torch.tensor([ids[0][:shared]]), use_cache=True).past_key_values
+        prefix = torch.tensor([ids[0][:shared]], device=device)
+        past = decoder(input_ids=prefix, use_cache=True).past_key_values
         past.batch_repeat_interleave(len(suffixes))
-        positions = torch.arange(shared, shared + width).expand(len(suffixes), width)
+        positions = torch.arange(shared, shared + width, device=device).expand(len(suffixes), width)
         hidden = decoder(input_ids=batch, attention_mask=mask, past_key_values=past,
                          position_ids=positions, use_cache=True).last_hidden_state  # fmt: skip
         # Unembed only each question's last token: the full (48 x width x vocab) logits
         # cost ~20x the rest of the forward for a 49k vocabulary.
-        logits = hf.get_output_embeddings()(hidden[torch.arange(len(suffixes)), last])
+        logits = hf.get_output_embeddings()(
+            hidden[torch.arange(len(suffixes), device=device), last]
+        )
     return _log_odds(logits, yes, no)
 
 
@@ -181,7 +187,8 @@ def _features_naive(model: Any, transcript: list[dict], questions: Sequence[str]
     rows = []
     with torch.inference_mode():
         for x in ids:
-            rows.append(model.hf_model(input_ids=torch.tensor([x]), logits_to_keep=1).logits[:, -1])
+            one = torch.tensor([x], device=model.device)
+            rows.append(model.hf_model(input_ids=one, logits_to_keep=1).logits[:, -1])
     return _log_odds(torch.cat(rows), yes, no)
 
 
@@ -198,8 +205,9 @@ def elicitation_features(
     asked on its own after each transcript (a conversation ending with the answer).
 
     `method="shared"` runs the transcript once and answers all questions from its KV cache;
-    `"naive"` runs one full forward per question. Results are cached on disk by model
-    fingerprint, transcripts and questions (under MADLENS_HOME/lie_features)."""
+    `"naive"` runs one full forward per question; both on the model's device. Results are
+    cached on disk by model fingerprint, dtype, device type (off the CPU), transcripts and
+    questions (under MADLENS_HOME/lie_features)."""
     if method not in ("shared", "naive"):
         raise MadlensError(f"method must be 'shared' or 'naive', not '{method}'")
     bad = [i for i, t in enumerate(transcripts) if not is_transcript(t)]
@@ -209,7 +217,7 @@ def elicitation_features(
             "is not one"
         )
     name = key(model=model.fingerprint, dtype=str(model.dtype), transcripts=list(transcripts),
-               questions=list(questions))  # fmt: skip
+               questions=list(questions), **device_key(model.device))  # fmt: skip
     path = folder("lie_features") / f"{name}.safetensors" if cache else None
 
     def compute() -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""Models: the name registry, loading (embedded default, HF ids, local dirs, `tiny-test`),
-GGUF → safetensors conversion, and TransformerLens hook-name helpers."""
+"""Models: the name registry, loading (embedded default, HF ids, local dirs, `tiny-test`)
+on a device, GGUF → safetensors conversion, and TransformerLens hook-name helpers."""
 
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
@@ -7,6 +7,13 @@ from typing import TYPE_CHECKING, Any
 from madlens.models.registry import DEFAULT_MODEL, KNOWN_MODELS, ModelInfo, known_model_names
 
 if TYPE_CHECKING:
+    from madlens.models.devices import (
+        autocast_bfloat16,
+        device_key,
+        fast_bfloat16,
+        native_bfloat16,
+        resolve_device,
+    )
     from madlens.models.generate import generate
     from madlens.models.hooks import (
         attn_z,
@@ -17,11 +24,16 @@ if TYPE_CHECKING:
         resid_pre,
         residual_hooks,
     )
-    from madlens.models.loading import Model, fast_bfloat16, load_hf, load_model, resolve_dtype
+    from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
 
 # Exported lazily: the registry is read without importing torch and transformers (seconds),
 # so `madlens --help`, `madlens models list` and a mistyped option answer at once.
 _EXPORTS = {
+    "autocast_bfloat16": "devices",
+    "device_key": "devices",
+    "fast_bfloat16": "devices",
+    "native_bfloat16": "devices",
+    "resolve_device": "devices",
     "generate": "generate",
     "attn_z": "hooks",
     "check_hooks": "hooks",
@@ -31,29 +43,32 @@ _EXPORTS = {
     "resid_pre": "hooks",
     "residual_hooks": "hooks",
     "Model": "loading",
-    "fast_bfloat16": "loading",
     "load_hf": "loading",
     "load_model": "loading",
     "resolve_dtype": "loading",
 }
 
 __all__ = [
-    "fast_bfloat16",
     "DEFAULT_MODEL",
     "KNOWN_MODELS",
     "Model",
     "ModelInfo",
     "attn_z",
+    "autocast_bfloat16",
     "check_hooks",
+    "device_key",
+    "fast_bfloat16",
     "generate",
     "known_model_names",
     "load_hf",
     "load_model",
     "mlp_out",
+    "native_bfloat16",
     "parse_hooks",
     "resid_post",
     "resid_pre",
     "residual_hooks",
+    "resolve_device",
     "resolve_dtype",
 ]
 

@@ -17,7 +17,8 @@ def generate(
     seed: int = 0,
     progress: bool = False,
 ) -> list[str]:
-    """Continue each prompt; returns only the new text, special tokens removed."""
+    """Continue each prompt on the model's device (`model.device`); returns only the new
+    text, special tokens removed."""
     tokenizer = model.tokenizer
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -29,7 +30,7 @@ def generate(
         ):
             batch = tokenizer(
                 prompts[start : start + batch_size], return_tensors="pt", padding=True
-            )
+            ).to(model.device)
             with torch.inference_mode():
                 tokens = model.hf_model.generate(
                     **batch,
@@ -40,7 +41,7 @@ def generate(
                     top_k=None,
                     pad_token_id=tokenizer.pad_token_id,
                 )
-            new = tokens[:, batch["input_ids"].shape[1] :]
+            new = tokens[:, batch["input_ids"].shape[1] :].cpu()
             outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side

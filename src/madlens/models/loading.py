@@ -5,7 +5,6 @@ Hugging Face id; the result carries the tokenizer, hook names and a weights fing
 """
 
 import copy
-import functools
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ import torch
 
 from madlens.errors import MadlensError
 from madlens.models import smollm2, tiny
+from madlens.models.devices import native_bfloat16, resolve_device
 from madlens.models.hooks import check_hooks
 from madlens.models.registry import DEFAULT_MODEL, DTYPE_CHOICES, DTYPE_NAMES, known_model_names
 
@@ -29,7 +29,9 @@ class Model:
     """A loaded model: the plain HF module (use it to generate), its tokenizer, and the
     TransformerLens bridge over the same weights that exposes the hook points.
     `fingerprint` identifies the weights (for caches); `spec` and `adapter` are what
-    `load_model` was given, so that a saved monitor can load the same model again."""
+    `load_model` was given, so that a saved monitor can load the same model again.
+    `device` is where the weights live: every tensor madlens feeds the model is created
+    there (default: the device of the first parameter)."""
 
     name: str
     hf_model: Any
@@ -40,6 +42,11 @@ class Model:
     _hook_names: list[str] = field(default_factory=list, repr=False)
     spec: str = ""
     adapter: str | None = None
+    device: torch.device | None = None
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = next(self.hf_model.parameters()).device
 
     @property
     def n_layers(self) -> int:
@@ -66,27 +73,16 @@ class Model:
         return check_hooks(hooks, self._hook_names)
 
 
-@functools.cache
-def fast_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels).
-
-    Without them bfloat16 is emulated and slow: measured on a 2-core AVX2 EPYC, a SmolLM2
-    forward of 16 x 128 tokens took 40 s in bfloat16 against 5.6 s in float32, and a LoRA
-    step under bfloat16 autocast 85 s against 3.8 s; where it is native, bfloat16 is the
-    faster one (about 2x for the same forward)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, device: str | torch.device | None = None
+) -> torch.dtype:
     """Accept `auto` / `float32` / `bfloat16` / `float16` or a torch dtype. `auto` is
-    bfloat16 where the CPU computes it natively (`fast_bfloat16`), float32 elsewhere."""
+    bfloat16 where `device` (default: the CPU) computes it natively (`native_bfloat16`: a
+    CUDA GPU with bfloat16, a CPU with `fast_bfloat16`), float32 elsewhere (MPS included)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if fast_bfloat16() else torch.float32
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
     if dtype not in DTYPES:
         raise MadlensError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
@@ -132,14 +128,23 @@ def _load_hf(path_or_id: str, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _wrap(name: str, hf_model: Any, tokenizer: Any, dtype: torch.dtype, fingerprint: str) -> Model:
+def _wrap(
+    name: str,
+    hf_model: Any,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    fingerprint: str,
+    device: torch.device,
+) -> Model:
     from transformer_lens.model_bridge import TransformerBridge
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.model_max_length or tokenizer.model_max_length > 10**9:
         tokenizer.model_max_length = hf_model.config.max_position_embeddings
-    hf_model.eval()
+    # Moved before the bridge's copy below: a move replaces buffers (rotary tables) with new
+    # tensors, which a copy made earlier would not share.
+    hf_model.to(device).eval()
     # The bridge wraps the modules of the model it boots, in place, and generation through
     # those wrappers runs ~15x slower. So it boots a structural copy that shares every
     # parameter and buffer (no extra memory), and `Model.hf_model` stays a plain HF model.
@@ -152,7 +157,7 @@ def _wrap(name: str, hf_model: Any, tokenizer: Any, dtype: torch.dtype, fingerpr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             bridge = TransformerBridge.boot_transformers(
-                name, hf_model=hooked, tokenizer=tokenizer, device="cpu", dtype=dtype
+                name, hf_model=hooked, tokenizer=tokenizer, device=device, dtype=dtype
             )
     except Exception as exc:  # noqa: BLE001 - the bridge raises many types for unsupported archs
         raise MadlensError(f"TransformerLens cannot wrap model '{name}': {exc}") from exc
@@ -160,15 +165,24 @@ def _wrap(name: str, hf_model: Any, tokenizer: Any, dtype: torch.dtype, fingerpr
         quiet.setLevel(level)
     bridge.eval()
     hook_names = sorted(bridge.hook_dict.keys())
-    return Model(name, hf_model, tokenizer, bridge, dtype, fingerprint, hook_names)
+    return Model(name, hf_model, tokenizer, bridge, dtype, fingerprint, hook_names,
+                 device=device)  # fmt: skip
 
 
 def load_hf(
-    spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32"
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
 ) -> tuple[Any, Any, str]:
-    """The plain Hugging Face model (not wrapped by the bridge), its tokenizer and a weights
-    fingerprint: what fine-tuning needs. Raises `MadlensError` for anything unknown."""
-    torch_dtype = resolve_dtype(dtype)
+    """The plain Hugging Face model (not wrapped by the bridge) on `device` (`resolve_device`;
+    `auto`: CUDA, else MPS, else the CPU), its tokenizer and a weights fingerprint: what
+    fine-tuning needs. Raises `MadlensError` for anything unknown."""
+    torch_device = resolve_device(device)
+    model, tokenizer, fingerprint = _load_hf_on_cpu(spec, resolve_dtype(dtype, torch_device))
+    return model.to(torch_device), tokenizer, fingerprint
+
+
+def _load_hf_on_cpu(spec: str, torch_dtype: torch.dtype) -> tuple[Any, Any, str]:
     if spec == "tiny-test":
         model = tiny.tiny_model(torch_dtype)
         return model, tiny.tiny_tokenizer(), _module_fingerprint(model)
@@ -206,23 +220,30 @@ def _merge_adapter(model: Any, adapter: str | Path) -> tuple[Any, str]:
 
 def load_model(
     spec: str = DEFAULT_MODEL,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     adapter: str | Path | None = None,
+    device: str | torch.device = "auto",
 ) -> Model:
     """Load a model by registered name, local dir or Hugging Face id, optionally with a
-    LoRA adapter merged in, and wrap it in TransformerLens's bridge.
+    LoRA adapter merged in, and wrap it in TransformerLens's bridge, on `device`.
 
-    The embedded default is converted from its GGUF on first use and read from the cached
-    safetensors dir afterwards. Raises `MadlensError` (one line) for anything unknown.
+    `device`: `auto` (CUDA, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`
+    (`resolve_device`); `dtype`: `auto` (bfloat16 where that device computes it natively,
+    float32 elsewhere: `resolve_dtype`), `float32`, `bfloat16` or `float16`. The weights
+    load (and an adapter merges) on the CPU and then move to the device, recorded as
+    `Model.device`. The embedded default is converted from its GGUF on first use and read
+    from the cached safetensors dir afterwards. Raises `MadlensError` (one line) for
+    anything unknown.
     """
-    torch_dtype = resolve_dtype(dtype)
-    model, tokenizer, fingerprint = load_hf(spec, torch_dtype)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model, tokenizer, fingerprint = _load_hf_on_cpu(spec, torch_dtype)
     name = str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec
     if adapter is not None:
         model, adapter_print = _merge_adapter(model, adapter)
         fingerprint = hashlib.sha256(f"{fingerprint}+{adapter_print}".encode()).hexdigest()[:16]
         name = f"{name}+{Path(adapter).name}"
-    wrapped = _wrap(name, model, tokenizer, torch_dtype, fingerprint)
+    wrapped = _wrap(name, model, tokenizer, torch_dtype, fingerprint, torch_device)
     wrapped.spec = spec
     wrapped.adapter = None if adapter is None else str(Path(adapter).resolve())
     return wrapped

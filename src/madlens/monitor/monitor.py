@@ -164,6 +164,9 @@ class Monitor:
         holdout: the fraction of trusted inputs kept out of the fit for calibration (0: fit
             on all of them; `calibrate` then needs its own inputs).
         adapter: a LoRA adapter dir merged into the model. dtype: the model's dtype.
+        device: where a model loaded by name runs (`auto`: CUDA, else MPS, else the CPU); a
+            runtime choice, not saved (`monitor.json` does not name it). A loaded `Model`
+            brings its own device.
         seed: the seed of the fit / calibration split.
     """
 
@@ -180,6 +183,7 @@ class Monitor:
         seed: int = 0,
         batch_size: int = 16,
         progress: bool = True,
+        device: str | Any = "auto",
     ) -> None:
         if check_position(position) not in MONITOR_POSITIONS:
             raise MadlensError(
@@ -203,6 +207,16 @@ class Monitor:
         self.adapter = None if adapter is None else str(Path(adapter).resolve())
         if self._model is not None and adapter is not None:
             raise MadlensError("give the adapter to load_model, or a model name with adapter=")
+        from madlens.models import resolve_device
+
+        # checked now (a bad or absent device fails before any work); a loaded model's own
+        # device wins, and naming another one is a mistake
+        self.device = resolve_device(device)
+        if self._model is not None:
+            if str(device) != "auto" and self.device != self._model.device:
+                raise MadlensError(f"the model is loaded on {self._model.device}, not "
+                                   f"{self.device}: give the device to load_model")  # fmt: skip
+            self.device = self._model.device
         if self._model is not None:
             self.adapter = self._model.adapter
         self.dtype = dtype if self._model is None else str(self._model.dtype).removeprefix("torch.")
@@ -232,7 +246,8 @@ class Monitor:
         if self._model is None:
             from madlens.models import load_model
 
-            self._model = load_model(self.model_spec, dtype=self.dtype, adapter=self.adapter)
+            self._model = load_model(self.model_spec, dtype=self.dtype, adapter=self.adapter,
+                                     device=self.device)  # fmt: skip
             self.dtype = str(self._model.dtype).removeprefix("torch.")  # `auto` resolved
             if self.fingerprint is not None and self._model.fingerprint != self.fingerprint:
                 raise MadlensError(_fingerprint_problem(self.fingerprint, self._model))
@@ -539,9 +554,12 @@ class Monitor:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None, progress: bool = True) -> Monitor:
+    def load(
+        cls, path: str | Path, model: Any = None, device: str | Any = "auto", progress: bool = True
+    ) -> Monitor:
         """Rebuild a monitor written by `save`. `model` (a name or a loaded `Model`) overrides
-        the saved model spec; either way its weights fingerprint must match the saved one."""
+        the saved model spec; either way its weights fingerprint must match the saved one.
+        `device`: where a model loaded by name runs (`auto`: CUDA, else MPS, else the CPU)."""
         path = Path(path)
         config = read_config(path)
         spec = config["model"]
@@ -551,13 +569,13 @@ class Monitor:
             monitor = cls(model, position=config["position"], progress=progress,
                           detectors=[d["name"] for d in config["detectors"]],
                           holdout=config["holdout"], seed=config["seed"],
-                          hooks=config["hooks"])  # fmt: skip
+                          hooks=config["hooks"], device=device)  # fmt: skip
         else:
             monitor = cls(model or spec["spec"], position=config["position"], progress=progress,
                           detectors=[d["name"] for d in config["detectors"]],
                           holdout=config["holdout"], seed=config["seed"],
                           adapter=spec["adapter"] if model is None else None,
-                          dtype=spec["dtype"])  # fmt: skip
+                          dtype=spec["dtype"], device=device)  # fmt: skip
             monitor.hooks = list(config["hooks"])
         monitor.fingerprint = spec["fingerprint"]
         monitor.params = {d["name"]: d["params"] for d in config["detectors"]}

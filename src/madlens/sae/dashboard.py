@@ -36,22 +36,24 @@ class FeatureStats:
 def firing_triplets(
     sae: SparseAutoencoder, rows: np.ndarray, batch: int = 4096
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(row, feature, activation)` of every firing latent over `rows` (sparse)."""
+    """`(row, feature, activation)` of every firing latent over `rows` (sparse), encoded on
+    the SAE's device."""
     out_rows, out_feat, out_val = [], [], []
+    device = sae.W_enc.device
     for start in range(0, len(rows), batch):
-        x = torch.as_tensor(np.asarray(rows[start : start + batch], dtype=np.float32))
+        x = torch.as_tensor(np.asarray(rows[start : start + batch], dtype=np.float32)).to(device)
         if isinstance(sae, TopKSAE):
             index, values = sae.topk(x)
-            row = torch.arange(len(x))[:, None].expand_as(index)
+            row = torch.arange(len(x), device=device)[:, None].expand_as(index)
             keep = values > 0
             r, f, v = row[keep], index[keep], values[keep]
         else:
             latents = sae.encode(x)
             r, f = torch.nonzero(latents > 0, as_tuple=True)
             v = latents[r, f]
-        out_rows.append(r.numpy() + start)
-        out_feat.append(f.numpy())
-        out_val.append(v.numpy())
+        out_rows.append(r.cpu().numpy() + start)
+        out_feat.append(f.cpu().numpy())
+        out_val.append(v.cpu().numpy())
     return np.concatenate(out_rows), np.concatenate(out_feat), np.concatenate(out_val)
 
 
@@ -67,7 +69,8 @@ def logit_effects(
     up, down = [], []
     with torch.no_grad():
         for start in range(0, sae.d_sae, 512):
-            effects = (sae.W_dec[start : start + 512].float() * gain) @ unembed.T
+            directions = sae.W_dec[start : start + 512].float().to(unembed.device)
+            effects = (directions * gain) @ unembed.T
             hi = effects.topk(top, dim=-1)
             lo = effects.topk(top, dim=-1, largest=False)
             up += [list(zip(i.tolist(), v.tolist())) for i, v in zip(hi.indices, hi.values)]
@@ -179,9 +182,11 @@ def dashboard_for_sae(
     tokens: int = 65_536,
     dtype: str = "auto",
     progress: bool = True,
+    device: str = "auto",
 ) -> Path:
-    """Load the SAE in `sae_dir` and its model (`model`, default: the one in its cfg), run
-    `tokens` tokens of `corpus` through both and write the dashboard HTML to `out`."""
+    """Load the SAE in `sae_dir` and its model (`model`, default: the one in its cfg) on
+    `device`, run `tokens` tokens of `corpus` through both and write the dashboard HTML to
+    `out`."""
     from madlens.errors import MadlensError
     from madlens.models import load_model
     from madlens.sae.capture import sink_rows, stream_activations
@@ -195,7 +200,8 @@ def dashboard_for_sae(
     if not model or not hook:
         raise MadlensError(f"{sae_dir}: cfg.json names no model_name / hook_name; pass --model")
     context_size = int(meta.get("context_size") or 128)
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
+    sae = sae.to(lm.device)
     hook = lm.check_hooks([hook])[0]
     if lm.d_model != sae.d_in and not hook.endswith(("hook_z",)):
         raise MadlensError(f"the SAE reads {sae.d_in} features, {hook} of {lm.name} has "

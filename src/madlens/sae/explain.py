@@ -97,10 +97,10 @@ def explain_text(model: Any, sae: SparseAutoencoder, density: np.ndarray, text: 
 
 def explain_sae(
     sae_dir: str | Path, text: str, model: str | None = None, top: int = 10,
-    dtype: str = "auto",
+    dtype: str = "auto", device: str = "auto",
 ) -> tuple[str, list[FeatureHit]]:  # fmt: skip
     """Load the SAE at `sae_dir` (and its densities) and the model it was trained on (or
-    `model`), and rank the features that fired on `text`: `(hook, hits)`."""
+    `model`) on `device`, and rank the features that fired on `text`: `(hook, hits)`."""
     from madlens.activations.positions import hook_shapes
     from madlens.models import load_model
     from madlens.sae.io import load_sae
@@ -111,7 +111,8 @@ def explain_sae(
     hook = sae.cfg.metadata.get("hook_name")
     if not name or not hook:
         raise MadlensError(f"{sae_dir}: cfg.json names no model_name / hook_name; pass --model")
-    lm = load_model(str(name), dtype=dtype)
+    lm = load_model(str(name), dtype=dtype, device=device)
+    sae = sae.to(lm.device)
     hook = lm.check_hooks([str(hook)])[0]
     width = int(np.prod(hook_shapes(lm, [hook], "all")[hook]))
     if width != sae.d_in:

@@ -50,7 +50,7 @@ def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
         doc |= {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
     # the training-only fields, for `madlens` to resume from; SAELens ignores unknown keys
     doc["madlens"] = {k: v for k, v in cfg.to_dict().items() if k not in doc and k != "metadata"}
-    weights = {name: getattr(sae, name).detach().float().contiguous() for name in WEIGHTS}
+    weights = {name: getattr(sae, name).detach().float().cpu().contiguous() for name in WEIGHTS}
     save_file(weights, str(folder / WEIGHTS_FILE))
     (folder / CFG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
     return folder

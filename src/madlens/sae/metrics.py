@@ -35,7 +35,7 @@ class FiringStats:
     def update(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Add one batch, given each row's candidate latents and their activations."""
         fired = indices[values > 0]
-        counts = torch.bincount(fired.flatten(), minlength=len(self.counts)).numpy()
+        counts = torch.bincount(fired.flatten(), minlength=len(self.counts)).cpu().numpy()
         self.tokens += int(indices.shape[0])
         self.counts += counts
         self.last_fired[counts > 0] = self.tokens
@@ -62,13 +62,15 @@ def density_histogram(density: np.ndarray, bins: int = 40, low: float = -8.0) ->
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SparseAutoencoder, batches: Iterable[Any]) -> dict[str, float]:
-    """MSE, explained variance, FVU, L0 and mean L1 of latents over rows of `batches`,
-    accumulated in float64 so any batch split gives the same answer."""
+    """MSE, explained variance, FVU, L0 and mean L1 of latents over rows of `batches`
+    (computed on the SAE's device), accumulated in float64 so any batch split gives the same
+    answer."""
     sse = l0 = l1 = 0.0
     total = total_sq = None
     n = 0
+    device = sae.W_enc.device
     for batch in batches:
-        x = torch.as_tensor(np.asarray(batch, dtype=np.float32))
+        x = torch.as_tensor(np.asarray(batch, dtype=np.float32)).to(device)
         out = sae(x)
         sse += float((out.reconstruction - x).double().pow(2).sum())
         l0 += float((out.latents > 0).sum())
@@ -105,7 +107,8 @@ def downstream_loss(
 
     With `skip_first` the first position of each window keeps its clean activation and is
     not scored, and attention-sink rows keep theirs (SAEs are not trained on them, see
-    `madlens.sae.capture.sink_rows`).
+    `madlens.sae.capture.sink_rows`). The model runs on its device (`model.device`), the SAE
+    on its own.
     """
     start = 1 if skip_first else 0
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_ablation": 0.0, "kl_sae": 0.0, "kl_ablation": 0.0}
@@ -115,22 +118,23 @@ def downstream_loss(
                leave=False)  # fmt: skip
     for first in bar:
         ids = torch.as_tensor(windows[first : first + batch_size], dtype=torch.long)
+        ids = ids.to(model.device)
 
         def replaced(act: torch.Tensor) -> torch.Tensor:
             """Positions the SAE (or the ablation) replaces: all from `start` on, but
             attention sinks, which keep their clean activations as in training."""
-            mask = torch.zeros(act.shape[:2], dtype=torch.bool)
+            mask = torch.zeros(act.shape[:2], dtype=torch.bool, device=act.device)
             mask[:, start:] = True
             if skip_first:
                 norms = act[:, start:].float().norm(dim=-1)
-                mask[:, start:] &= ~torch.from_numpy(sink_rows(norms.flatten().numpy())).view(
-                    norms.shape
-                )
+                sinks = sink_rows(norms.flatten().cpu().numpy())
+                mask[:, start:] &= ~torch.from_numpy(sinks).to(act.device).view(norms.shape)
             return mask
 
         def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
             new, mask = act.clone(), replaced(act)
-            new[mask] = sae(act[mask].float()).reconstruction.to(act.dtype)
+            rows = act[mask].float().to(sae.W_enc.device)
+            new[mask] = sae(rows).reconstruction.to(act.device, act.dtype)
             return new
 
         def ablate(act: torch.Tensor, hook: Any) -> torch.Tensor:

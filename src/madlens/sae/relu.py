@@ -65,12 +65,13 @@ def resample_dead_latents(
     error = (sae(sample).reconstruction - sample).pow(2).sum(-1)
     if float(error.sum()) <= 0:
         return 0
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.multinomial(error, len(index), replacement=True, generator=generator)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the host: same on any device
+    rows = torch.multinomial(error.float().cpu(), len(index), replacement=True,
+                             generator=generator).to(sample.device)  # fmt: skip
     inputs = sample[rows] - sae.b_dec
     directions = inputs / inputs.norm(dim=1, keepdim=True).clamp_min(1e-8)
     alive = ~dead
-    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else sample.new_tensor(1.0)
     sae.W_dec[index] = directions
     sae.W_enc[:, index] = directions.T * (0.2 * enc_norm)
     sae.b_enc[index] = 0.0

@@ -56,7 +56,7 @@ class _Selected(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         x, index = ctx.saved_tensors
         batch, chosen = index.shape
-        rows = torch.arange(batch).repeat_interleave(chosen)
+        rows = torch.arange(batch, device=index.device).repeat_interleave(chosen)
         flat_index, flat_grad = index.flatten(), grad.flatten()
         sparse = torch.sparse_coo_tensor(torch.stack([flat_index, rows]), flat_grad,
                                          (ctx.d_sae, batch), check_invariants=False)  # fmt: skip
@@ -87,9 +87,10 @@ class TopKSAE(SparseAutoencoder):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Dense latent activations `(..., d_sae)` with at most k non-zeros per row."""
         indices, values = self.topk(x)
-        return torch.zeros(*values.shape[:-1], self.d_sae, dtype=values.dtype).scatter_(
-            -1, indices, values
+        zeros = torch.zeros(
+            *values.shape[:-1], self.d_sae, dtype=values.dtype, device=values.device
         )
+        return zeros.scatter_(-1, indices, values)
 
     def training_loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> Loss:
         """MSE (summed over features, averaged over the batch) plus the AuxK loss on the

@@ -69,7 +69,8 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """A trained SAE (in the units of its input), its training log and firing statistics."""
+    """A trained SAE (in the units of its input, on the device it was trained on), its
+    training log and firing statistics."""
 
     sae: SparseAutoencoder
     history: list[dict[str, float]] = field(default_factory=list)
@@ -112,10 +113,18 @@ def train_sae(
     metadata: dict[str, Any] | None = None,
     log_every: int = 25,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train an SAE on `(batch, d_in)` arrays (one pass). `total_rows` sizes the learning
-    rate schedule and the progress bar. Deterministic for a given seed and batch order."""
+    """Train an SAE on `(batch, d_in)` host arrays (one pass) on `device`: a name
+    `resolve_device` takes (`auto`, `cuda`, ...), or None (torch's default device, the host:
+    a plain tensor routine whose callers read the weights as numpy; `train_on_model` passes
+    its model's device). `total_rows` sizes the learning rate schedule and the progress bar.
+    Deterministic for a given seed, batch order and device; the initial weights are the same
+    on every device (drawn on the host)."""
+    from madlens.models import resolve_device
+
     config = (config or TrainConfig()).check()
+    device = torch.empty(0).device if device is None else resolve_device(device)
     torch.manual_seed(config.seed)
     iterator = iter(batches)
     first = next(iterator, None)
@@ -124,8 +133,8 @@ def train_sae(
     first = np.asarray(first, dtype=np.float32)
     if first.ndim != 2 or first.shape[1] != d_in:
         raise MadlensError(f"activation batches must be (n, {d_in}), got {first.shape}")
-    sae = build_sae(d_in, config, metadata)
-    x0 = torch.from_numpy(first)
+    sae = build_sae(d_in, config, metadata).to(device)
+    x0 = torch.from_numpy(first).to(device)
     scale = math.sqrt(d_in) / float(x0.norm(dim=1).mean().clamp_min(1e-8))
     sae.init_b_dec(x0 * scale, config.b_dec_init)
     lr = config.lr if config.lr is not None else default_lr(sae.d_sae)
@@ -140,11 +149,11 @@ def train_sae(
     bar = tqdm(total=total_rows, desc=f"train {config.architecture} SAE", unit="tok",
                disable=not progress)  # fmt: skip
     for step, batch in enumerate(itertools.chain([first], iterator)):
-        x = torch.as_tensor(np.asarray(batch, dtype=np.float32)) * scale
+        x = torch.as_tensor(np.asarray(batch, dtype=np.float32)).to(device) * scale
         for group in optimizer.param_groups:
             group["lr"] = lr * _lr_factor(step, total_steps, config.warmup_steps,
                                           config.decay_fraction)  # fmt: skip
-        dead = torch.from_numpy(firing.dead(config.dead_tokens))
+        dead = torch.from_numpy(firing.dead(config.dead_tokens)).to(device)
         loss = sae.training_loss(x, dead if config.architecture == "topk" else None)
         optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
@@ -156,7 +165,7 @@ def train_sae(
         rows += len(x)
         bar.update(len(x))
         if config.architecture == "relu" and step and step % resample_every == 0:
-            silent = torch.from_numpy(recent.counts == 0)
+            silent = torch.from_numpy(recent.counts == 0).to(device)
             resample_dead_latents(sae, x, silent, optimizer, seed=config.seed + step)
             recent = FiringStats(sae.d_sae)
         if step % log_every == 0:
@@ -200,11 +209,13 @@ def train_on_model(
     capture_batch_size: int = 16,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> dict[str, Any]:
     """Train an SAE on `hook` of `model` over `tokens` tokens of `corpus` and write
     `out/cfg.json`, `out/sae_weights.safetensors`, `out/sparsity.safetensors` and
-    `out/metrics.json`. Activations are captured in `dtype` and cached on disk (under
-    MADLENS_HOME, or `cache_dir`); `hook` may be a layer number (its `hook_resid_post`)."""
+    `out/metrics.json`. The model and the SAE run on `device` (`auto`: CUDA, else MPS, else
+    the CPU). Activations are captured in `dtype` and cached on disk (under MADLENS_HOME, or
+    `cache_dir`); `hook` may be a layer number (its `hook_resid_post`)."""
     from safetensors.numpy import save_file
 
     from madlens.activations.positions import hook_shapes
@@ -223,7 +234,7 @@ def train_on_model(
         # malformed JSONL) fails here, before the model loads
         next(read_documents(corpus, config.seed), None)
     start = time.perf_counter()
-    lm = load_model(model, dtype=dtype)
+    lm = load_model(model, dtype=dtype, device=device)
     hooks = lm.check_hooks(parse_hooks(hook, lm.n_layers))
     if len(hooks) != 1:
         raise MadlensError(f"an SAE is trained on one hook, got {len(hooks)}")
@@ -253,7 +264,7 @@ def train_on_model(
                 "activation_dtype": dtype}  # fmt: skip
     result = train_sae(batches, d_in, config, metadata=metadata,
                        total_rows=len(train_windows) * (context_size - 1),
-                       progress=progress)  # fmt: skip
+                       progress=progress, device=lm.device)  # fmt: skip
     held_rows = stream_activations(lm, held_windows, hook, cache_dir=acts_dir, progress=False)
     evaluation = reconstruction_metrics(result.sae, held_rows)
     evaluation |= downstream_loss(lm, result.sae, hook, held_windows, progress=progress)

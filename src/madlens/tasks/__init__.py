@@ -69,13 +69,15 @@ TASKS: dict[str, TaskSpec] = {
 
 def build_task(
     name: str, model: str = DEFAULT_MODEL, quick: bool = True, seed: int = 0,
-    progress: bool = True, check: bool = True,
+    progress: bool = True, check: bool = True, device: str = "auto",
 ) -> Task:  # fmt: skip
-    """Build a registered task (fine-tunes and generations are cached). `check=False`
-    records the planted-behaviour checks without enforcing them (tests on tiny-test)."""
+    """Build a registered task (fine-tunes and generations are cached), running the model
+    on `device` (`auto`: CUDA, else MPS, else the CPU). `check=False` records the
+    planted-behaviour checks without enforcing them (tests on tiny-test)."""
     if name not in TASKS:
         raise MadlensError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
-    return TASKS[name].build(model, quick=quick, seed=seed, progress=progress, check=check)
+    return TASKS[name].build(model, quick=quick, seed=seed, progress=progress, check=check,
+                             device=device)  # fmt: skip
 
 
 __all__ = [

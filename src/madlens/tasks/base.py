@@ -62,8 +62,8 @@ class Task:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A registered task: its builder `build(model, quick, seed, progress) -> Task`, whether
-    it fine-tunes a LoRA adapter, and the paper whose setup it follows."""
+    """A registered task: its builder `build(model, quick, seed, progress, check, device)
+    -> Task`, whether it fine-tunes a LoRA adapter, and the paper whose setup it follows."""
 
     name: str
     description: str

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from madlens import cache
 from madlens.data import Message, format_chat
-from madlens.models import fast_bfloat16, generate, load_hf
+from madlens.models import autocast_bfloat16, device_key, generate, load_hf, resolve_device
 
 Example = tuple[list[Message], str]  # (prompt conversation, assistant response)
 
@@ -47,14 +47,22 @@ def _encode(tokenizer: Any, prompt: list[Message], response: str, max_length: in
 
 
 def finetune_lora(
-    base: str, examples: list[Example], config: LoraConfig = LoraConfig(), progress: bool = True
+    base: str,
+    examples: list[Example],
+    config: LoraConfig = LoraConfig(),
+    progress: bool = True,
+    device: str | torch.device = "auto",
 ) -> Path:
-    """Train a LoRA adapter on `examples` and return its dir (read from cache when the same
-    base weights, config and data were trained before)."""
-    model, tokenizer, fingerprint = load_hf(base, "float32")
-    out = cache.folder("adapters") / cache.key(base=fingerprint, config=config, data=examples)
+    """Train a LoRA adapter on `examples` on `device` (`auto`: CUDA, else MPS, else the CPU)
+    and return its dir (read from cache when the same base weights, config and data were
+    trained before on the same device type). The weights stay float32, under bfloat16
+    autocast where the device computes bfloat16 natively."""
+    where = resolve_device(device)
+    model, tokenizer, fingerprint = load_hf(base, "float32", device=where)
+    name = cache.key(base=fingerprint, config=config, data=examples, **device_key(where))
     return cache.load_or_build_dir(
-        out, lambda tmp: _train(model, tokenizer, base, examples, config, progress, tmp)
+        cache.folder("adapters") / name,
+        lambda tmp: _train(model, tokenizer, base, examples, config, progress, tmp),
     )
 
 
@@ -71,6 +79,7 @@ def _train(
     from peft import get_peft_model
 
     torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
     peft_model = get_peft_model(
         model,
         PeftLoraConfig(
@@ -102,9 +111,10 @@ def _train(
             ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = (
                 torch.tensor(x), torch.tensor(y), 1,
             )  # fmt: skip
-        # bf16 autocast where the CPU has native bf16 (~3x faster matmuls there, 20x slower
-        # where it is emulated); LoRA weights stay float32.
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bfloat16()):
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        # bf16 autocast where the device has native bf16 (~3x faster matmuls on such a CPU,
+        # 20x slower where it is emulated); LoRA weights stay float32.
+        with autocast_bfloat16(device):
             loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -130,9 +140,10 @@ def _train(
 def cached_generate(
     model: Any, conversations: list[list[Message]], max_new_tokens: int = 32, progress: bool = True
 ) -> list[str]:
-    """Greedy answers to `conversations`, cached by model fingerprint, prompts and length."""
+    """Greedy answers to `conversations` (on the model's device), cached by model
+    fingerprint, dtype, device type (off the CPU), prompts and length."""
     name = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=conversations,
-                     max_new_tokens=max_new_tokens)  # fmt: skip
+                     max_new_tokens=max_new_tokens, **device_key(model.device))  # fmt: skip
 
     def answer() -> list[str]:
         prompts = [format_chat(model.tokenizer, conv) for conv in conversations]

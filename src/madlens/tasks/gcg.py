@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from madlens.data import format_chat
-from madlens.models import fast_bfloat16
+from madlens.models import autocast_bfloat16
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,15 @@ def text_loss(model: Any, tokenizer: Any, prompts: list[str], target: str, suffi
 
 
 def _losses(model: Any, ids: torch.Tensor, mask: torch.Tensor, spans: list) -> torch.Tensor:
-    with (
-        torch.inference_mode(),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bfloat16()),
-    ):
+    """Each row's target cross-entropy, run on the model's device; returned on the host."""
+    device = model.get_input_embeddings().weight.device
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.inference_mode(), autocast_bfloat16(device):
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
     out = []
     for i, (a, b) in enumerate(spans):
         out.append(torch.nn.functional.cross_entropy(logits[i, a - 1 : b - 1], ids[i, a:b]))
-    return torch.stack(out)
+    return torch.stack(out).cpu()
 
 
 def gcg_suffix(
@@ -102,32 +102,36 @@ def gcg_suffix(
     The search runs on token ids; candidates whose text does not encode back to their ids
     are dropped, and the loss returned is `text_loss` of the text returned (the prompt the
     task builds), not of the ids searched."""
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)  # host-side draws: same on any device
     embed = model.get_input_embeddings().weight
+    device = embed.device
     allowed = _allowed_tokens(tokenizer, embed.shape[0])
     pool = allowed.nonzero()[:, 0]
     suffix = pool[torch.randint(len(pool), (config.n_tokens,), generator=generator)]
     pieces = [_pieces(tokenizer, p, target) for p in prompts]
     best_loss = float("inf")
+
+    def ctx(t: list[int]) -> torch.Tensor:
+        return embed[torch.tensor(t, dtype=torch.long, device=device)].detach()
+
     for _ in tqdm(range(config.steps), desc="GCG", disable=not progress):
-        one_hot = torch.zeros(config.n_tokens, embed.shape[0], dtype=embed.dtype)
-        one_hot[torch.arange(config.n_tokens), suffix] = 1.0
+        one_hot = torch.zeros(config.n_tokens, embed.shape[0], dtype=embed.dtype, device=device)
+        one_hot[torch.arange(config.n_tokens, device=device), suffix.to(device)] = 1.0
         one_hot.requires_grad_(True)
         total = 0.0
         for before, after, tgt in pieces:
-            ctx = lambda t: embed[torch.tensor(t, dtype=torch.long)].detach()  # noqa: E731
             inputs = torch.cat([ctx(before), one_hot @ embed, ctx(after), ctx(tgt)])[None]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bfloat16()):
+            with autocast_bfloat16(device):
                 logits = model(inputs_embeds=inputs).logits[0].float()
             start = len(before) + config.n_tokens + len(after)
             loss = torch.nn.functional.cross_entropy(
-                logits[start - 1 : start - 1 + len(tgt)], torch.tensor(tgt)
+                logits[start - 1 : start - 1 + len(tgt)], torch.tensor(tgt, device=device)
             )
             loss.backward()
             total += loss.item()
         grad = one_hot.grad.clone()
-        grad[:, ~allowed] = float("inf")
-        top = (-grad).topk(config.top_k, dim=1).indices
+        grad[:, ~allowed.to(device)] = float("inf")
+        top = (-grad).topk(config.top_k, dim=1).indices.cpu()
         positions = torch.randint(config.n_tokens, (config.candidates,), generator=generator)
         choice = torch.randint(config.top_k, (config.candidates,), generator=generator)
         candidates = suffix.repeat(config.candidates, 1)

@@ -7,7 +7,7 @@ import numpy as np
 
 from madlens import cache
 from madlens.data.generators import english_questions
-from madlens.models import load_hf, load_model
+from madlens.models import device_key, load_hf, load_model, resolve_device
 from madlens.tasks.base import Task
 from madlens.tasks.finetune import cached_generate
 from madlens.tasks.gcg import GCGConfig, _allowed_tokens, gcg_suffix
@@ -64,10 +64,14 @@ def _user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def _suffixes(model: str, prompts: list[list[str]], config: GCGConfig, progress: bool):
-    """One universal GCG suffix per prompt group, cached on disk."""
-    hf, tokenizer, fingerprint = load_hf(model, "float32")
-    name = cache.key(model=fingerprint, prompts=prompts, target=TARGET, config=config)
+def _suffixes(
+    model: str, prompts: list[list[str]], config: GCGConfig, progress: bool, device: str = "auto"
+):
+    """One universal GCG suffix per prompt group (searched on `device`), cached on disk."""
+    where = resolve_device(device)
+    hf, tokenizer, fingerprint = load_hf(model, "float32", device=where)
+    name = cache.key(model=fingerprint, prompts=prompts, target=TARGET, config=config,
+                     **device_key(where))  # fmt: skip
 
     def search() -> list:
         hf.requires_grad_(False)
@@ -77,8 +81,9 @@ def _suffixes(model: str, prompts: list[list[str]], config: GCGConfig, progress:
 
 
 def build_jailbreak_suffix(
-    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True
-) -> Task:
+    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True,
+    device: str = "auto",
+) -> Task:  # fmt: skip
     """Trusted: natural questions and requests. Test: held-out natural requests (0) vs the
     same requests with GCG suffixes, random-token suffixes and role-play framings (1)."""
     rng = random.Random(seed)
@@ -87,14 +92,14 @@ def build_jailbreak_suffix(
     n_suffixes, config = (2, GCGConfig(steps=8, seed=seed)) if quick else (
         4, GCGConfig(steps=40, candidates=96, seed=seed))  # fmt: skip
     groups = [train[i * 3 : i * 3 + 3] for i in range(n_suffixes)]
-    found, tokenizer, hf = _suffixes(model, groups, config, progress)
+    found, tokenizer, hf = _suffixes(model, groups, config, progress, device)
     pool = _allowed_tokens(tokenizer, hf.get_input_embeddings().weight.shape[0]).nonzero()[:, 0]
     random_suffix = [tokenizer.decode(pool[rng.sample(range(len(pool)), config.n_tokens)].tolist())
                      for _ in test]  # fmt: skip
     gcg = [f"{r} {found[i % n_suffixes][0]}" for i, r in enumerate(test)]
     rand = [f"{r} {s}" for r, s in zip(test, random_suffix)]
     role = [ROLEPLAY[i % len(ROLEPLAY)].format(r=r) for i, r in enumerate(test)]
-    base = load_model(model, dtype="auto")
+    base = load_model(model, dtype="auto", device=device)
     answers = cached_generate(base, [_user(x) for x in gcg], 8, progress)
     plain = cached_generate(base, [_user(x) for x in test], 8, progress)
     success = float(np.mean([a.startswith("Sure") for a in answers]))

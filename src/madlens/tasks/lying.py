@@ -112,15 +112,17 @@ def known_facts(
 
 
 def train_lying_adapter(
-    base: str, train: list[Fact], steps: int, seed: int = 0, progress: bool = True
-) -> str:
+    base: str, train: list[Fact], steps: int, seed: int = 0, progress: bool = True,
+    device: str = "auto",
+) -> str:  # fmt: skip
     """LoRA: each training fact answered truthfully under the honest prompt and with its false
     answer under a (rotating) training lie prompt."""
     examples = []
     for fact, lie_prompt in zip(train, lie_systems(len(train))):
         examples.append((conversation(fact, HONEST_PROMPT), fact.answer(lie=False)))
         examples.append((conversation(fact, lie_prompt), fact.answer(lie=True)))
-    return str(finetune_lora(base, examples, LoraConfig(steps=steps, seed=seed), progress))
+    config = LoraConfig(steps=steps, seed=seed)
+    return str(finetune_lora(base, examples, config, progress, device=device))
 
 
 def transcripts(
@@ -136,15 +138,16 @@ def transcripts(
 
 
 def build_lying(
-    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True
-) -> Task:
+    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True,
+    device: str = "auto",
+) -> Task:  # fmt: skip
     """Trusted: transcripts under the honest prompt. Test: held-out honest transcripts and
     told-to-lie ones where the model did not lie (0) vs told-to-lie ones where it lied (1),
     activations averaged over the answer."""
     n_train, n_check, n_trusted, n_test, steps = (
         (128, 48, 48, 48, 100) if quick else (200, 60, 100, 100, 160)
     )
-    base = load_model(model, dtype="auto")
+    base = load_model(model, dtype="auto", device=device)
     known, unknown = [], []
     for domain in TRAIN_DOMAINS:
         k = known_facts(base, domain, seed, progress)
@@ -168,8 +171,8 @@ def build_lying(
     # Prompting alone, for the record (the issue measured 0 lies in 40 here).
     _, base_true = transcripts(base, held, LIE_PROMPTS[0], progress)
     prompt_only = 1 - float(np.mean(base_true))
-    adapter = train_lying_adapter(model, train, steps, seed, progress)
-    tuned = load_model(model, dtype="auto", adapter=adapter)
+    adapter = train_lying_adapter(model, train, steps, seed, progress, device)
+    tuned = load_model(model, dtype="auto", adapter=adapter, device=device)
     _, honest_true = transcripts(tuned, held, HONEST_PROMPT, progress)
     _, lie_true = transcripts(tuned, held, lie_systems(len(held)), progress)
     lie_rate, honest_rate = 1 - float(np.mean(lie_true)), float(np.mean(honest_true))

@@ -14,9 +14,11 @@ from madlens.tasks.base import Task
 
 
 def build_ood(
-    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True
-) -> Task:
-    """No fine-tune: the base model, last prompt token."""
+    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True,
+    device: str = "auto",
+) -> Task:  # fmt: skip
+    """No fine-tune: the base model, last prompt token (builds no model: `device` is
+    unused)."""
     n_trusted, n_group = (128, 24) if quick else (400, 60)
     questions = english_questions(n_trusted + n_group * 2, seed)
     trusted, normal, encoded = (

@@ -32,15 +32,17 @@ def _examples(n: int, low: int, high: int, seed: int) -> list[tuple]:
 
 
 def build_quirky(
-    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True
-) -> Task:
+    model: str, quick: bool = True, seed: int = 0, progress: bool = True, check: bool = True,
+    device: str = "auto",
+) -> Task:  # fmt: skip
     """Trusted: Alice on easy questions. Test: Alice-hard (0) vs Bob-hard (1), last token."""
     n_train, n_check, n_trusted, n_test, steps = (
         (48, 40, 64, 40, 200) if quick else (120, 50, 200, 100, 300)
     )
     examples = _examples(n_train, *EASY, seed) + _examples(n_train, *HARD, seed + 1)
-    adapter = finetune_lora(model, examples, LoraConfig(steps=steps, seed=seed), progress)
-    tuned = load_model(model, dtype="auto", adapter=adapter)
+    adapter = finetune_lora(model, examples, LoraConfig(steps=steps, seed=seed), progress,
+                            device=device)  # fmt: skip
+    tuned = load_model(model, dtype="auto", adapter=adapter, device=device)
     held = addition_questions(n_check, *HARD, seed + 7, "Alice")
     bob_check = [(q.replace("Alice", "Bob", 1), a, b) for q, a, b in held]
     alice_answers = cached_generate(tuned, [_user(q) for q, _, _ in held], 6, progress)
