@@ -110,3 +110,13 @@ def test_every_model_command_refuses_a_device_it_cannot_use(
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith("error: Invalid value for '--device'") and message in lines[0]
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("device", ["cuda", "nonsense"])
+def test_serve_refuses_a_device_it_cannot_use(ready, run_cli, monkeypatch, device):
+    """`madlens serve` takes --device too (a server is not started here: the option is
+    refused while the command line is parsed, before the monitor or the port is touched)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli("serve", "--monitor", str(ready / "mon"), "--device", device)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--device" in lines[0], err

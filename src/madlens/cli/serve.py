@@ -5,6 +5,8 @@ from typing import Annotated
 
 import typer
 
+from madlens.cli.options import Device
+
 
 def serve(
     monitor: Annotated[Path, typer.Option(help="a folder written by 'madlens monitor fit'")],
@@ -49,6 +51,7 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="uvicorn log level: critical, error, warning, info, debug")
     ] = "info",
+    device: Device = "auto",
 ) -> None:
     """Serve a saved monitor's model behind an OpenAI-compatible API
     (POST /v1/chat/completions, POST /v1/monitor/score, GET /v1/models, /healthz, /metrics):
@@ -63,4 +66,5 @@ def serve(
         policy=policy, log_text=log_text, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
         max_body_bytes=max_body_bytes, max_messages=max_messages,
         default_max_tokens=max_tokens, scoring=not no_monitor, log_level=log_level,
+        device=device,
     )  # fmt: skip

@@ -26,6 +26,7 @@ def prepare(
     *,
     api_key_file: str | Path | None = None,
     audit_db: str | Path | None = None,
+    device: str = "auto",
     **options: Any,
 ) -> tuple[Any, ServeOptions]:
     """Load the monitor and check the options: `(monitor, ServeOptions)`, or one
@@ -36,7 +37,7 @@ def prepare(
     monitor_dir = Path(monitor_dir)
     audit_path = Path(audit_db) if audit_db is not None else monitor_dir / "audit.db"
     opts = ServeOptions(keys=keys, audit_db=audit_path, **options)
-    monitor = Monitor.load(monitor_dir, progress=False)
+    monitor = Monitor.load(monitor_dir, device=device, progress=False)
     with _no_progress_bars():  # a server logs lines, not bars
         monitor.model  # noqa: B018 - loads the weights and checks their fingerprint
     check_options(monitor, opts)
@@ -84,12 +85,13 @@ def serve(
     api_key_file: str | Path | None = None,
     audit_db: str | Path | None = None,
     log_level: str = "info",
+    device: str = "auto",
     **options: Any,
 ) -> None:
     """Check everything, then serve until SIGTERM / Ctrl-C."""
     check_address(host, port)
     monitor, opts = prepare(monitor_dir, api_key_file=api_key_file, audit_db=audit_db,
-                            **options)  # fmt: skip
+                            device=device, **options)  # fmt: skip
     if opts.keys is None:
         warnings.warn(
             f"no --api-key-file: anyone who can reach {host}:{port} can use the API",
