@@ -250,6 +250,77 @@ def _encode_all(
     return encoded
 
 
+# --- what both engines share: the local one (`stream`) and Ray's (`madlens.scale`) -------------
+
+
+def prepare(
+    model: Any, inputs: Sequence[Input], hooks: Sequence[str], position: str
+) -> tuple[list[Input], list[str]]:
+    """The inputs as a list and the hooks checked against the model (one line for a bad
+    hook, position or empty input list): the first step of `extract` and `stream`."""
+    return _prepare(model, inputs, hooks, position)
+
+
+def encode_inputs(
+    model: Any, inputs: list[Input], position: str, limit: int, strict: bool = False
+) -> list[Encoded]:
+    """Tokenise `inputs` for `position` within `limit` tokens; a longer input keeps its last
+    tokens with one `TruncationWarning` for all, or fails when `strict`."""
+    return _encode_all(model, inputs, position, limit, strict)
+
+
+def context_limit(model: Any, max_length: int | None = None) -> int:
+    """The context limit in tokens: `max_length`, at most the model's."""
+    return min(max_length or model.n_ctx, model.n_ctx)
+
+
+def entry_names(hooks: Sequence[str], logits: bool = False, logprobs: bool = False) -> list[str]:
+    """The names a cache entry keeps for a request: its hooks, then the output statistics."""
+    return list(hooks) + ([LOGITS] if logits else []) + ([LOGPROBS] if logprobs else [])
+
+
+def cache_entry(
+    model: Any,
+    inputs: list[Input],
+    position: str,
+    max_length: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> ActivationCache:
+    """The activation-cache entry of `inputs` at `position` (under `cache_dir`, default the
+    cache's `activations` folder): its key names the weights, dtype, device type, position,
+    data and context limit, not the engine that fills it, so a Ray run and a local run
+    share it."""
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    limit = context_limit(model, max_length)
+    dtype = str(model.dtype).removeprefix("torch.")
+    # the device type joins the key off the CPU only: CPU entries keep the keys they had
+    where = device_key(model.device)
+    key = cache_key(model.fingerprint, dtype, position, inputs, limit, where.get("device"))
+    meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype, **where}
+    meta |= {"position": position, "n_inputs": len(inputs), "max_length": limit}
+    return ActivationCache(root / key, meta)
+
+
+def compute_shard(
+    model: Any,
+    encoded: list[Encoded],
+    names: Sequence[str],
+    position: str,
+    batch_size: int = 16,
+    padding_side: str = "right",
+    bar: Any = None,
+) -> dict[str, dict[str, np.ndarray]]:
+    """The arrays of one cache shard (a chunk of at most `CHUNK` encoded inputs) for each
+    entry name (hooks, `LOGITS`, `LOGPROBS`): the computation both engines run, in `stream`
+    and in each Ray worker. `bar` (a tqdm bar) advances by input."""
+    hooks = [name for name in names if name not in (LOGITS, LOGPROBS)]
+    chunk = _compute_chunk(
+        model, encoded, hooks, position, batch_size, padding_side, LOGITS in names,
+        LOGPROBS in names, bar if bar is not None else tqdm(disable=True),
+    )  # fmt: skip
+    return {name: chunk_to_tensors(chunk, name) for name in names}
+
+
 def stream(
     model: Any,
     inputs: Sequence[Input],
@@ -270,17 +341,9 @@ def stream(
     inputs, hooks = _prepare(model, inputs, hooks, position)
     if padding_side not in ("left", "right"):
         raise MadlensError(f"padding_side must be 'left' or 'right', not '{padding_side}'")
-    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    limit = min(max_length or model.n_ctx, model.n_ctx)
-    dtype = str(model.dtype).removeprefix("torch.")
-    # the device type joins the key off the CPU only: CPU entries keep the keys they had
-    where = device_key(model.device)
-    key = cache_key(model.fingerprint, dtype, position, inputs, limit, where.get("device"))
-    meta = {"model": model.name, "fingerprint": model.fingerprint, "dtype": dtype, **where}
-    meta |= {"position": position, "n_inputs": len(inputs), "max_length": limit}
-    cache = ActivationCache(root / key, meta)
-    wanted = list(hooks) + ([LOGITS] if logits else []) + ([LOGPROBS] if logprobs else [])
-    missing = [name for name in wanted if not cache.has(name)]
+    limit = context_limit(model, max_length)
+    cache = cache_entry(model, inputs, position, max_length, cache_dir)
+    missing = [name for name in entry_names(hooks, logits, logprobs) if not cache.has(name)]
     if not missing:
         touch(cache.root)
     else:
@@ -302,18 +365,15 @@ def _fill(
     progress: bool,
 ) -> None:
     encoded = _encode_all(model, inputs, position, limit, strict)
-    hooks = [m for m in missing if m not in (LOGITS, LOGPROBS)]
     writers = {name: cache.writer(name) for name in missing}
     desc = f"activations ({model.name}, {position})"
     try:
         with tqdm(total=len(inputs), desc=desc, unit="input", disable=not progress) as bar:
             for start in range(0, len(encoded), CHUNK):
-                chunk = _compute_chunk(
-                    model, encoded[start : start + CHUNK], hooks, position, batch_size,
-                    padding_side, LOGITS in missing, LOGPROBS in missing, bar,
-                )  # fmt: skip
+                shard = compute_shard(model, encoded[start : start + CHUNK], missing, position,
+                                      batch_size, padding_side, bar)  # fmt: skip
                 for name, writer in writers.items():
-                    writer.write(chunk_to_tensors(chunk, name))
+                    writer.write(shard[name])
     except BaseException:
         for writer in writers.values():
             writer.abort()

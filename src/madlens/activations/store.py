@@ -128,8 +128,7 @@ class ShardWriter:
 
     def write(self, tensors: dict[str, np.ndarray]) -> None:
         """Write one shard (a dict of contiguous arrays)."""
-        path = self.tmp / f"shard-{self.count:05d}.safetensors"
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path))
+        write_shard(self.tmp, self.count, tensors)
         self.count += 1
 
     def close(self) -> None:
@@ -139,6 +138,20 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop what was written."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def shard_file(folder: Path, index: int) -> Path:
+    """The file of shard `index` (the inputs `index * CHUNK` onwards) in a hook's folder."""
+    return Path(folder) / f"shard-{index:05d}.safetensors"
+
+
+def write_shard(folder: Path, index: int, tensors: dict[str, np.ndarray]) -> Path:
+    """Write shard `index` into `folder` (a writer's temporary folder), whole or not at all:
+    workers of the Ray engine write shards of one folder side by side, in any order."""
+    path = shard_file(folder, index)
+    with cache.atomic(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp))
+    return path
 
 
 def chunk_to_tensors(chunk: Activations, name: str) -> dict[str, np.ndarray]:

@@ -36,10 +36,13 @@ def run_bench(
     progress: bool = True,
     dtype: str = "auto",
     device: str = "auto",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[dict[str, Any], list[TaskResult]]:
     """Run tasks x detectors x hooks; write `out/results.json` and `out/report.html`.
     Fine-tunes, generations and activations run on `device` (`auto`: CUDA, else MPS, else
-    the CPU).
+    the CPU); with `engine="ray"` each task's activations are extracted by Ray workers
+    (`madlens.scale`; inside a `madlens.scale.session`, one cluster serves every task).
 
     Detector names, hooks, dtype and device are checked before any task is built (a bad
     one costs no fine-tune). A task whose planted behaviour did not take is left out (with a
@@ -70,7 +73,8 @@ def run_bench(
             warnings.warn(str(exc), stacklevel=2)
             continue
         results.append(run_task(task, detectors, hooks, seed, n_resamples, progress, dtype,
-                                device=device))  # fmt: skip
+                                device=device, engine=engine,
+                                ray_address=ray_address))  # fmt: skip
     doc = results_json(model, results)
     doc["failed_tasks"] = failed
     if out is not None:

@@ -137,9 +137,12 @@ def run_task(
     progress: bool = True,
     dtype: str = "auto",
     device: str = "auto",
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> TaskResult:
     """Run every detector on one task, per hook and on the multi-hook aggregate, with the
-    task's model on `device`."""
+    task's model on `device`. `engine="ray"` extracts the task's activations through Ray
+    workers first (`madlens.scale`, at `ray_address`); the rows are the same."""
     start = time.perf_counter()
     unknown = [d for d in detectors if d not in DETECTORS]
     if unknown:
@@ -162,6 +165,8 @@ def run_task(
     trusted = test = untrusted = None
     contrast: dict[str, ContrastPairs] = {}
     if readers:
+        if engine == "ray":
+            _fill_through_ray(base, task, readers, ray_address)
         trusted, test = base.features(task.trusted), base.features(task.test)
         # Batch detectors fit on the task's unlabeled untrusted inputs; without them, on the
         # unlabeled test batch itself (a deployment scoring a batch has it too).
@@ -211,6 +216,29 @@ def run_task(
                                     scores[keep], fit_s, score_s, n_resamples, seed))  # fmt: skip
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _fill_through_ray(base: Monitor, task: Task, readers: list[str], address: str | None) -> None:
+    """Fill the activation cache through Ray with what `base.features` reads just after
+    (the same hooks, position and output statistics as `Monitor.features` asks `extract`
+    for), so that those reads find everything cached."""
+    from madlens.scale import Request, fill_cache
+
+    reads = base.reads
+    hooks = base.hooks if "activations" in reads else []
+    outputs = "outputs" in reads
+    sets = [task.trusted, task.test]
+    if (
+        task.untrusted is not None
+        and task.untrusted != task.test
+        and any(DETECTORS[d].uses_untrusted for d in readers)
+    ):
+        sets.append(task.untrusted)
+    if hooks or outputs:
+        requests = [Request(list(inputs), hooks, task.position, logits=outputs,
+                            logprobs=outputs) for inputs in sets]  # fmt: skip
+        fill_cache(base.model, requests, batch_size=base.batch_size, address=address,
+                   progress=base.progress)  # fmt: skip
 
 
 def _reason(exc: Exception) -> str:

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Device, Dtype, Hooks, Model, OutDir, Seed, names, output_dir
+from madlens.cli.options import (
+    Device,
+    Dtype,
+    Engine,
+    Hooks,
+    Model,
+    OutDir,
+    RayAddress,
+    Seed,
+    names,
+    output_dir,
+)
 from madlens.cli.runs import record_run
 from madlens.errors import MadlensError
 from madlens.models.registry import DEFAULT_MODEL
@@ -27,19 +38,26 @@ def bench(
     dtype: Dtype = "auto",
     device: Device = "auto",
     verbose: Annotated[bool, typer.Option(help="print every row, not the matrix")] = False,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Build the tasks, run every detector on them, write results.json and report.html.
     Without --hooks: 5 resid_post layers across depth."""
+    from contextlib import nullcontext
+
     from madlens.bench import format_table, problems, run_bench
+    from madlens.scale.cluster import check_engine, session
 
     output_dir(out)
+    check_engine(engine, ray_address)
     start = time.perf_counter()
     task_list = names(tasks, "tasks")
     if task_file is not None and task_list is None:
         task_list = []
-    doc, results = run_bench(task_list, names(detectors, "detectors"), names(hooks, "hooks"),
-                             model, task_file, quick, out, seed, True, dtype,
-                             device=device)  # fmt: skip
+    with session(ray_address) if engine == "ray" else nullcontext():  # one cluster, all tasks
+        doc, results = run_bench(task_list, names(detectors, "detectors"), names(hooks, "hooks"),
+                                 model, task_file, quick, out, seed, True, dtype, device=device,
+                                 engine=engine, ray_address=ray_address)  # fmt: skip
     typer.echo(format_table(doc, results, verbose=verbose))
     for result in results:
         if result.task.checks:

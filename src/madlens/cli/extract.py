@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from madlens.cli.options import Device, Dtype, Hooks, Model, OutDir, names, output_dir
+from madlens.cli.options import (
+    Device,
+    Dtype,
+    Engine,
+    Hooks,
+    Model,
+    OutDir,
+    RayAddress,
+    names,
+    output_dir,
+)
 from madlens.models.registry import DEFAULT_MODEL
 
 
@@ -28,6 +38,8 @@ def extract(
     max_length: Annotated[int | None, typer.Option(min=1, help="context limit in tokens")] = None,
     strict: Annotated[bool, typer.Option(help="fail on inputs longer than the context")] = False,
     cache: Annotated[bool, typer.Option(help="use the on-disk activation cache")] = True,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Capture activations of a JSONL dataset at hook points; writes one safetensors file
     per position and hook (`acts`, `lengths`) and a manifest.json."""
@@ -39,11 +51,15 @@ def extract(
     from madlens.data import read_inputs
     from madlens.errors import MadlensError
     from madlens.models import load_model, parse_hooks
+    from madlens.scale.cluster import check_engine
 
     output_dir(out)
     position_list = [check_position(p) for p in names(positions, "positions")]
     if padding_side not in ("left", "right"):
         raise MadlensError(f"--padding-side must be 'left' or 'right', not '{padding_side}'")
+    check_engine(engine, ray_address)
+    if engine == "ray" and not cache:
+        raise MadlensError("--engine ray fills the activation cache: drop --no-cache")
     inputs = read_inputs(data)
     for position in position_list:
         check_inputs(inputs, position)
@@ -53,6 +69,16 @@ def extract(
         hook_shapes(lm, hook_list, position)
     manifest = {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."),
                 "device": str(lm.device), "n_inputs": len(inputs), "files": []}  # fmt: skip
+    if engine == "ray":  # fill the cache through Ray workers; the reads below then hit it
+        from madlens.scale import Request, fill_cache
+
+        requests = [
+            Request(inputs, hook_list, p, logits=logits, logprobs=logprobs,
+                    max_length=max_length, strict=strict)
+            for p in position_list
+        ]  # fmt: skip
+        fill_cache(lm, requests, batch_size=batch_size, padding_side=padding_side,
+                   address=ray_address)  # fmt: skip
     for position in position_list:
         acts = run_extract(
             lm, inputs, hook_list, position, batch_size=batch_size, padding_side=padding_side,

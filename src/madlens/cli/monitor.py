@@ -2,16 +2,19 @@
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from madlens.cli.options import (
     Device,
     Dtype,
+    Engine,
     Hooks,
     Model,
+    RayAddress,
     Seed,
     names,
     output_dir,
@@ -95,36 +98,57 @@ def score(
         str | None, typer.Option(help="load this model instead of the saved spec")
     ] = None,
     device: Device = "auto",
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
 ) -> None:
     """Score every input of --data; write one JSON line per input (scores, p-values, the
-    combined p-value, the flag, the hook that contributed most) as it goes."""
-    from tqdm.auto import tqdm
+    combined p-value, the flag, the hook that contributed most) as it goes, in input order
+    (with --engine ray too)."""
+    from itertools import chain
 
     from madlens.data.jsonl import read_jsonl, record_input
     from madlens.monitor import Monitor
+    from madlens.scale.cluster import check_engine
 
     output_file(out)
+    check_engine(engine, ray_address)
     loaded = Monitor.load(monitor, model=model, device=device, progress=False)
     records = read_jsonl(data)
     inputs = [record_input(r, f"{data}:{r['_line']}") for r in records]
-    _ = loaded.model  # load (and check the fingerprint of) the model before writing anything
+    if engine == "ray":
+        from madlens.scale import score_rows
+
+        verdicts = score_rows(monitor, inputs, model=model, device=device, batch_size=CHUNK,
+                              address=ray_address)  # fmt: skip
+    else:
+        verdicts = _score_locally(loaded, inputs)
+    verdicts = iter(verdicts)
+    first = next(verdicts)  # the model loads (its fingerprint checked) before anything is written
     flagged = 0
-    with out.open("w", encoding="utf-8") as handle, tqdm(
-        total=len(inputs), desc="score", unit="input"
-    ) as bar:  # fmt: skip
-        for start in range(0, len(inputs), CHUNK):
-            verdict = loaded.score(inputs[start : start + CHUNK], cache=False)
-            for i, row in enumerate(verdict.rows()):
-                record = records[start + i]
-                line = {"line": record["_line"]}
-                if "id" in record:
-                    line["id"] = record["id"]
-                line.update(row)
-                flagged += bool(row.get("flagged"))
-                handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-            handle.flush()
-            bar.update(len(verdict))
+    with out.open("w", encoding="utf-8") as handle:
+        for i, row in enumerate(chain([first], verdicts)):  # to the end: the engine closes
+            record = records[i]
+            line = {"line": record["_line"]}
+            if "id" in record:
+                line["id"] = record["id"]
+            line.update(row)
+            flagged += bool(row.get("flagged"))
+            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+            if i % CHUNK == CHUNK - 1:
+                handle.flush()
     typer.echo(f"scored {len(inputs)} inputs, {flagged} flagged -> {out}")
+
+
+def _score_locally(monitor: Any, inputs: list[Any]) -> Iterator[dict[str, Any]]:
+    """Verdict rows of `inputs`, scored in this process CHUNK at a time."""
+    from tqdm.auto import tqdm
+
+    _ = monitor.model  # load (and check the fingerprint of) the model before the first chunk
+    with tqdm(total=len(inputs), desc="score", unit="input") as bar:
+        for start in range(0, len(inputs), CHUNK):
+            verdict = monitor.score(inputs[start : start + CHUNK], cache=False)
+            yield from verdict.rows()
+            bar.update(len(verdict))
 
 
 @app.command("show")

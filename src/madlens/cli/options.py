@@ -58,6 +58,30 @@ OutDir = Annotated[Path, typer.Option(help="output directory")]
 Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="random seed")]
 
 
+def _check_engine(value: str) -> str:
+    from madlens.scale.cluster import ENGINES
+
+    if value not in ENGINES:
+        raise typer.BadParameter(f"unknown engine '{value}'; choose one of {', '.join(ENGINES)}")
+    return value
+
+
+Engine = Annotated[
+    str,
+    typer.Option(
+        help="local (this process) or ray (a pool of Ray workers; pip install 'madlens[ray]')",
+        callback=_check_engine,
+    ),  # fmt: skip
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="with --engine ray: a running cluster's address (host:port, ray://host:port, "
+        "auto; default $RAY_ADDRESS, else a local cluster)"
+    ),  # fmt: skip
+]
+
+
 def names(value: str | None, option: str) -> list[str] | None:
     """The names of a comma-separated option, or None when it was not given. A list that
     names nothing (`--tasks ,`) is an error, never "all"."""
