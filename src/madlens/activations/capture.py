@@ -6,6 +6,7 @@ so data larger than memory works. Both compute only what the cache lacks.
 
 import warnings
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,9 @@ def _run_batch(
 
     need_output = want_logits or want_logprobs or keep_cache
     kv_cache = None
+    if keep_cache:
+        _bridge_fills_kv_cache()
+    token = _FILL_KV_CACHE.set(keep_cache)
     with torch.inference_mode():
         logits = model.bridge.run_with_hooks(
             ids,
@@ -113,6 +117,7 @@ def _run_batch(
             return_type=("logits_and_cache" if keep_cache else "logits") if need_output else None,
             **({"use_cache": True} if keep_cache else {}),
         )
+    _FILL_KV_CACHE.reset(token)
     if keep_cache:
         logits, kv_cache = logits
     captured = {name: _to_host(tensor) for name, tensor in selected.items()}
@@ -174,6 +179,46 @@ def _compute_chunk(
         token_logprobs=[o[2] for o in ordered] if want_logprobs else None,
         truncated=np.array([enc.truncated for enc in encoded], dtype=bool),
     )
+
+
+# Set while `prefill` runs its forward pass: only then do the bridge's attention layers fill
+# the Hugging Face KV cache they are handed (see `_bridge_fills_kv_cache`).
+_FILL_KV_CACHE: ContextVar[bool] = ContextVar("madlens_fill_kv_cache", default=False)
+
+
+def _bridge_fills_kv_cache() -> None:
+    """Make TransformerLens's attention bridges fill the KV cache during `prefill`.
+
+    transformers 5.x hands the cache to each attention module as `cache=` (`past_key_values`
+    is deprecated), while TransformerLens 4.3's `AttentionBridge._update_kv_cache` reads only
+    `past_key_values` / `layer_past`: the bridge's forward then returns an empty cache, and
+    generation continued from it ignores the prompt. This passes `cache` on under the name
+    the bridge reads, only while `_FILL_KV_CACHE` is set (every other forward is untouched).
+    Installed once; `tests/test_activations.py` checks that generation continued from a
+    prefill equals Hugging Face's own `generate` on a model whose answers depend on the prompt.
+    """
+    try:
+        from transformer_lens.model_bridge.generalized_components.attention import (
+            AttentionBridge,
+        )
+    except ImportError:  # pragma: no cover - another TransformerLens layout
+        return
+    original = AttentionBridge._update_kv_cache
+    if getattr(original, "_madlens_fills_cache", False):
+        return
+
+    def _update_kv_cache(self: Any, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
+        if (
+            _FILL_KV_CACHE.get()
+            and kwargs.get("past_key_values") is None
+            and kwargs.get("layer_past") is None
+            and kwargs.get("cache") is not None
+        ):
+            kwargs["past_key_values"] = kwargs["cache"]
+        return original(self, k, v, **kwargs)
+
+    _update_kv_cache._madlens_fills_cache = True  # type: ignore[attr-defined]
+    AttentionBridge._update_kv_cache = _update_kv_cache
 
 
 @dataclass

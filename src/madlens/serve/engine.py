@@ -146,39 +146,6 @@ def scoring_mode(monitor: Any) -> str:
     return "prompt" if "transcripts" in monitor.reads else "prefill"
 
 
-def patch_bridge_kv_cache() -> None:
-    """Make TransformerLens's attention bridges fill the Hugging Face KV cache.
-
-    transformers 5.x hands the cache to attention modules as `cache=` (the `past_key_values`
-    keyword is deprecated), while TransformerLens 4.3's `AttentionBridge._update_kv_cache`
-    looks for `past_key_values` / `layer_past` only: the bridge's prefill then returns an
-    empty cache and generation from it ignores the prompt. This passes `cache` on under the
-    name the bridge reads; it changes nothing when the bridge already gets `past_key_values`.
-    Idempotent. The engine's start-up check (`Engine._check_cache`) fails loudly if the
-    cache still comes back empty."""
-    try:
-        from transformer_lens.model_bridge.generalized_components.attention import (
-            AttentionBridge,
-        )
-    except ImportError:  # pragma: no cover - another TransformerLens layout
-        return
-    original = AttentionBridge._update_kv_cache
-    if getattr(original, "_madlens_cache_kwarg", False):
-        return
-
-    def _update_kv_cache(self: Any, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> Any:
-        if (
-            kwargs.get("past_key_values") is None
-            and kwargs.get("layer_past") is None
-            and kwargs.get("cache") is not None
-        ):
-            kwargs["past_key_values"] = kwargs["cache"]
-        return original(self, k, v, **kwargs)
-
-    _update_kv_cache._madlens_cache_kwarg = True  # type: ignore[attr-defined]
-    AttentionBridge._update_kv_cache = _update_kv_cache
-
-
 # --- per-row decoding state --------------------------------------------------------------------
 
 
@@ -280,7 +247,6 @@ class Engine:
         self._audit: Any = None
         self.failure: str | None = None  # why the worker died, if it did
         self.active_rows = 0
-        patch_bridge_kv_cache()
 
     # --- life cycle ---------------------------------------------------------------------------
 
@@ -370,7 +336,7 @@ class Engine:
                 self._audit.close()
 
     def _check_cache(self) -> None:
-        """The prefill pass must hand back a filled KV cache (see `patch_bridge_kv_cache`)."""
+        """The prefill pass must hand back a filled KV cache (`activations.prefill`)."""
         _, state = prefill(self.model, ["ok"], [], "last")
         width = state.input_ids.shape[1]
         if state.kv_cache is None or state.kv_cache.get_seq_length() != width:
