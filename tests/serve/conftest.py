@@ -4,13 +4,19 @@ import pytest
 from serve_support import KEYS, ServerProcess, build_sharp_model, running, trusted_prompts
 
 
-@pytest.fixture(scope="session", autouse=True)
-def serve_home(tmp_path_factory):
-    """A fresh MADLENS_HOME (activation cache) for these tests and their servers."""
-    home = tmp_path_factory.mktemp("madlens_home")
+@pytest.fixture(scope="session")
+def serve_home_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("madlens_home")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def serve_home(serve_home_dir):
+    """A fresh MADLENS_HOME (activation cache) for these tests and their servers, set for
+    each module of this folder and restored after it: the test modules that run later
+    (the real-model integration tests) keep the warm cache."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MADLENS_HOME", str(home))
-        yield home
+        patch.setenv("MADLENS_HOME", str(serve_home_dir))
+        yield serve_home_dir
 
 
 @pytest.fixture(scope="session")

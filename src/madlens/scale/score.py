@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from madlens.errors import MadlensError
+from madlens.models.devices import host
 from madlens.monitor import Monitor
 from madlens.scale.cluster import (
     actor_resources,
@@ -74,9 +75,9 @@ def _device_type(ray: Any, device: str) -> str:
     """The actors' device: `auto` is CUDA where the cluster has GPUs, else the CPU (the
     driver's own hardware does not decide: it may be a CPU-only head node)."""
     if device == "auto":
-        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+        return "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else host().type
     kind = device.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
+    if kind not in (host().type, "cuda", "mps"):
         raise MadlensError(f"unknown device '{device}'; choose one of auto, cpu, cuda, mps")
     return kind
 
@@ -101,7 +102,7 @@ def score_rows(
     `fill_cache` (default: one actor per GPU, else per CPU). `device`: the actors' device
     (`auto`: CUDA when the cluster has GPUs, one per actor)."""
     folder = Path(monitor)
-    Monitor.load(folder, model=model, device="cpu", progress=False)  # checked, not loaded
+    Monitor.load(folder, model=model, device=host(), progress=False)  # checked, not loaded
     inputs = list(inputs)
     if not inputs:
         raise MadlensError("no inputs to score")
