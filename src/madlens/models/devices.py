@@ -18,13 +18,13 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _CPU = "cpu"
 
 
-@functools.cache
 def host() -> torch.device:
     """The host's own device (the CPU): where results are brought back, and where work that
     must not claim an accelerator (checking a saved monitor on a driver) runs."""
     return torch.device(_CPU)
 
 
+@functools.cache
 def fast_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (oneDNN's AVX512-BF16 / AMX kernels).
 
