@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -35,9 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from madlens.activations import prefill
+from madlens.activations import Activations, prefill
 from madlens.data import format_chat
 from madlens.errors import MadlensError
 
@@ -144,6 +146,19 @@ def scoring_mode(monitor: Any) -> str:
     if monitor.position != "last":
         return "transcript"
     return "prompt" if "transcripts" in monitor.reads else "prefill"
+
+
+def residual_layers(hooks: list[str], n_layers: int) -> list[int] | None:
+    """The block numbers of `hooks` when every one is a `blocks.L.hook_resid_post` that a
+    plain Hugging Face forward returns as a hidden state (every block but the last, whose
+    hidden state comes after the final norm); None otherwise (the bridge reads them)."""
+    layers = []
+    for hook in hooks:
+        found = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", hook)
+        if found is None or int(found[1]) >= n_layers - 1:
+            return None
+        layers.append(int(found[1]))
+    return layers or None
 
 
 # --- per-row decoding state --------------------------------------------------------------------
@@ -500,10 +515,23 @@ class Engine:
             reads = monitor.reads
             hooks = monitor.hooks if "activations" in reads else []
             outputs = "outputs" in reads
-            acts, pf = prefill(self.model, [job.prefill_input for job in jobs], hooks, "last",
-                               logits=outputs, logprobs=outputs, strict=True)  # fmt: skip
-            rows = monitor.score_features(monitor.features_from(acts)).rows()
-            state = (pf.attention_mask, pf.logits[:, -1].float().cpu(), pf.kv_cache)
+            layers = None if outputs else residual_layers(hooks, self.model.n_layers)
+            if layers is not None:
+                # Residual-stream hooks are the plain model's hidden states: the same pass,
+                # without the bridge's hook points on every submodule.
+                mask, last_logits, cache, hidden = self._plain_prefill(
+                    [job.prompt_ids for job in jobs], layers
+                )
+                acts = Activations(acts=dict(zip(hooks, hidden, strict=True)),
+                                   lengths=np.ones(len(jobs), dtype=np.int64),
+                                   position="last")  # fmt: skip
+                rows = monitor.score_features(monitor.features_from(acts)).rows()
+                state = (mask, last_logits, cache)
+            else:
+                acts, pf = prefill(self.model, [job.prefill_input for job in jobs], hooks, "last",
+                                   logits=outputs, logprobs=outputs, strict=True)  # fmt: skip
+                rows = monitor.score_features(monitor.features_from(acts)).rows()
+                state = (pf.attention_mask, pf.logits[:, -1].float().cpu(), pf.kv_cache)
         else:
             scored = [i for i, job in enumerate(jobs) if not job.generate]
             if self.mode == "prompt":
@@ -514,7 +542,7 @@ class Engine:
                     rows[i] = row
             decoding = [job for job in jobs if job.generate]
             if decoding:
-                state = self._plain_prefill([job.prompt_ids for job in jobs])
+                state = self._plain_prefill([job.prompt_ids for job in jobs])[:3]
         return rows, state
 
     def _deliver(
@@ -537,9 +565,13 @@ class Engine:
         decode_rows = [_Row(jobs[i], self._generator(jobs[i])) for i in keep]
         return _Cohort(decode_rows, mask, logits, cache)
 
-    def _plain_prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _plain_prefill(
+        self, prompts: list[list[int]], layers: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, Any, list[np.ndarray]]:
         """A left-padded prefill through the plain Hugging Face model (no hooks): for
-        monitors that do not read this pass, and for the unmonitored baseline."""
+        monitors that read only residual-stream hooks (`layers`: the last token's output of
+        each of these blocks, as float32 host arrays), for monitors that do not read this
+        pass, and for the unmonitored baseline."""
         width = max(len(p) for p in prompts)
         pad = self.model.tokenizer.pad_token_id or 0
         ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -551,9 +583,13 @@ class Engine:
         device = self._device()
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
         with torch.inference_mode():
-            out = self.model.hf_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                      use_cache=True)  # fmt: skip
-        return mask, out.logits[:, -1].float().cpu(), _cache_of(out)
+            out = self.model.hf_model(input_ids=ids, attention_mask=mask,
+                                      position_ids=positions, use_cache=True,
+                                      output_hidden_states=bool(layers))  # fmt: skip
+        # hidden_states[0] is the embeddings, so block L's output is hidden_states[L + 1]
+        hidden = [out.hidden_states[layer + 1][:, -1].float().cpu().numpy()
+                  for layer in layers or []]  # fmt: skip
+        return mask, out.logits[:, -1].float().cpu(), _cache_of(out), hidden
 
     def _device(self) -> torch.device:
         return next(self.model.hf_model.parameters()).device
