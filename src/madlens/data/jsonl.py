@@ -25,16 +25,22 @@ def parse_object(text: str, where: str) -> dict[str, Any]:
     return value
 
 
+def read_text(path: str | Path, where: str | None = None) -> str:
+    """The UTF-8 text of file `path`; a problem is one line that starts with `where`
+    (default: the path)."""
+    path = Path(path)
+    where = str(path) if where is None else where
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MadlensError(f"{where}: not UTF-8 text (byte {exc.start + 1})") from exc
+    except OSError as exc:
+        raise MadlensError(f"{where}: cannot read ({exc.strerror})") from exc
+
+
 def read_object(path: str | Path) -> dict[str, Any]:
     """The JSON object in file `path` (a config), each problem one line naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MadlensError(f"{path}: not UTF-8 text (byte {exc.start + 1})") from exc
-    except OSError as exc:
-        raise MadlensError(f"{path}: cannot read ({exc.strerror})") from exc
-    return parse_object(text, str(path))
+    return parse_object(read_text(path), str(path))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

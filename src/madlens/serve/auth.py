@@ -14,6 +14,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from madlens.data.jsonl import read_text
 from madlens.errors import MadlensError
 
 MAX_KEY_FILE_BYTES = 1 << 20
@@ -55,12 +56,7 @@ def load_keys(path: str | Path) -> ApiKeys:
     size = path.stat().st_size
     if size > MAX_KEY_FILE_BYTES:
         raise MadlensError(f"--api-key-file {path}: {size} bytes; a key file is at most 1 MiB")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MadlensError(f"--api-key-file {path}: not UTF-8 text (byte {exc.start})") from exc
-    except OSError as exc:
-        raise MadlensError(f"--api-key-file {path}: cannot read ({exc.strerror})") from exc
+    text = read_text(path, f"--api-key-file {path}")
     entries: list[tuple[str, bytes]] = []
     seen_ids: set[str] = set()
     seen_keys: set[bytes] = set()
