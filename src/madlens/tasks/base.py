@@ -28,6 +28,15 @@ class Task:
     detector's). `contrast` holds row-aligned contrast pairs `(positive, negative)` for
     contrast-pair probes such as CCS (e.g. a question answered with the true fact / with a
     false one); None when the task has none.
+
+    `shortcuts` names what a detector could use besides the mechanism (an instruction in the
+    prompt, a trigger's novelty, length, format): each is a view of the test inputs that
+    holds only that cue, row-aligned with `test`: a text per input (e.g. the system prompt
+    alone) or a number per input (e.g. the prompt's length in tokens). The bench fits a
+    shortcut baseline on each view (a classifier that sees only the cue, cross-fitted on the
+    test labels, an upper bound on what the cue gives away) and reports its AUROC; a
+    controlled task keeps it <= 0.6. The description says in words what each cue is and
+    which test group controls it.
     """
 
     name: str
@@ -43,6 +52,7 @@ class Task:
     targets: list[dict] = field(default_factory=list)
     description: str = ""
     contrast: tuple[list[Input], list[Input]] | None = None
+    shortcuts: dict[str, list[str] | np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -56,6 +66,12 @@ class Task:
             raise MadlensError(
                 f"task {self.name}: the test split needs both normal (0) and anomalous (1) examples"
             )
+        for cue, view in self.shortcuts.items():
+            if len(view) != len(self.test):
+                raise MadlensError(
+                    f"task {self.name}: shortcut '{cue}' has {len(view)} rows for "
+                    f"{len(self.test)} test inputs"
+                )
         if self.groups is None:
             self.groups = ["normal" if y == 0 else "anomalous" for y in self.labels]
 
