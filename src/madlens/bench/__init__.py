@@ -17,6 +17,15 @@ from madlens.bench.runner import (
     results_json,
     run_task,
 )
+from madlens.bench.shortcuts import (
+    CONTROLLED_MAX,
+    GOAL_AUROC,
+    GOAL_RECALL,
+    controlled,
+    cue,
+    is_shortcut,
+    split_verdicts,
+)
 from madlens.detectors import DETECTORS
 from madlens.errors import MadlensError
 from madlens.models import load_model, parse_hooks, resolve_device, resolve_dtype
@@ -123,7 +132,7 @@ def format_table(doc: dict[str, Any], results: list[TaskResult], verbose: bool =
         return format_matrix(doc, results)
     multi = {res.task.name: headline_hook(res) for res in results}
     lines = [f"{'task':<28}{'detector':<26}{'hook':<28}{'AUROC':>7}  {'95% CI':<13}{'AP':>6}"
-             f"{'FPR@95':>8}{'R@1%':>7}"]  # fmt: skip
+             f"{'FPR@95':>8}{'R@1%':>7}  {'95% CI':<13}"]  # fmt: skip
     lines.append("-" * len(lines[0]))
     for row in doc["rows"]:
         base = row["task"].split("/")[0]
@@ -132,22 +141,23 @@ def format_table(doc: dict[str, Any], results: list[TaskResult], verbose: bool =
                          f"{row['status']:>7}  {row['reason']}")  # fmt: skip
             continue
         hook = "multi" if row["hook"] == multi.get(base) and "+" in row["hook"] else row["hook"]
-        lo, hi = row["auroc_ci"]
-        ci = f"[{_f(lo, 2)}, {_f(hi, 2)}]"
+        ci, recall_ci = _ci(row.get("auroc_ci")), _ci(row.get("tpr_at_1fpr_ci"))
         lines.append(f"{row['task']:<28}{row['detector']:<26}{hook[:27]:<28}{_f(row['auroc']):>7}"
                      f"  {ci:<13}{_f(row['ap'], 2):>6}{_f(row['fpr_at_95tpr'], 2):>8}"
-                     f"{_f(row['tpr_at_1fpr'], 2):>7}")  # fmt: skip
+                     f"{_f(row['tpr_at_1fpr'], 2):>7}  {recall_ci:<13}")  # fmt: skip
     return "\n".join(lines)
 
 
 def format_matrix(doc: dict[str, Any], results: list[TaskResult]) -> str:
-    """Detectors (rows) x tasks (columns): `AUROC/recall@1%FPR` of each headline row."""
+    """Detectors (rows) x tasks (columns): `AUROC/recall@1%FPR` of each headline row; then
+    each split's shortcut baselines with its verdict, and the goal per task (the best
+    label-free detector, with bootstrap CIs)."""
     multi = {res.task.name: headline_hook(res) for res in results}
     tasks = [res.task.name for res in results]
     cells: dict[tuple[str, str], str] = {}
     for row in doc["rows"]:
         task, status = row["task"], row.get("status", "ok")
-        if task not in multi:  # a per-kind row (`ood/base64`): verbose only
+        if task not in multi or is_shortcut(row):  # per-kind rows (`ood/base64`): verbose only
             continue
         if status == "ok" and row["hook"] not in ("output", "black-box", multi[task]):
             continue
@@ -171,7 +181,58 @@ def format_matrix(doc: dict[str, Any], results: list[TaskResult]) -> str:
                 cells.get((det, t), "").rjust(w) for t, w in zip(tasks, widths)))  # fmt: skip
     lines.append("headline rows: multi-hook aggregate, logits or follow-up answers; "
                  "--verbose: every row")  # fmt: skip
-    return "\n".join(lines)
+    return "\n".join(lines + shortcut_lines(doc) + goal_lines(doc))
+
+
+def shortcut_lines(doc: dict[str, Any]) -> list[str]:
+    """Per split, the AUROC of each shortcut baseline and whether the split is controlled."""
+    rows = [r for r in doc["rows"] if is_shortcut(r)]
+    if not rows:
+        return []
+    lines = [f"shortcut baselines (one cue alone, classifier cross-fitted on the labels; "
+             f"controlled: all <= {CONTROLLED_MAX}):"]  # fmt: skip
+    width = max(len(r["task"]) for r in rows) + 2
+    for split, ok in split_verdicts(rows).items():
+        cells = []
+        for r in rows:
+            if r["task"] == split:
+                value = "const" if r.get("constant") else r["status"] if r["status"] != "ok" \
+                    else _f(r["auroc"], 2)  # fmt: skip
+                cells.append(f"{cue(r)}={value}" + ("!" if controlled(r) is False else ""))
+        mark = {True: "controlled", False: "shortcut NOT controlled", None: "not measured"}[ok]
+        lines.append(f"  {split:<{width}}{' '.join(cells)}  {mark}")
+    return lines
+
+
+def goal_lines(doc: dict[str, Any]) -> list[str]:
+    """Per task, the issue's goal on its controlled splits, stated whether met or not."""
+    tasks = {name: t["goal"] for name, t in doc.get("tasks", {}).items() if t.get("goal")}
+    if not tasks:
+        return []
+    lines = [f"goal: label-free AUROC >= {GOAL_AUROC} and recall@1%FPR >= {GOAL_RECALL} on a "
+             "controlled split", "  (AUROC [CI] / recall [CI] of the best label-free of N, "
+             "chosen on test labels: optimistic):"]  # fmt: skip
+    for name, summary in tasks.items():
+        for g in summary["goals"]:
+            lines.append(f"  {g['split']}: goal {'met' if g['met'] else 'NOT met'}")
+            lines.append(f"    {_goal_figure(g)}")
+        if not summary["controlled_splits"]:
+            lines.append(f"  {name}: no split controlled for its shortcuts: goal not assessable")
+            if summary.get("uncontrolled"):
+                lines.append(f"    whole task: {_goal_figure(summary['uncontrolled'])}")
+    return lines
+
+
+def _goal_figure(g: dict[str, Any]) -> str:
+    return (
+        f"{g['detector']} {_f(g['auroc'], 2)} {_ci(g['auroc_ci'])} / "
+        f"{_f(g['tpr_at_1fpr'], 2)} {_ci(g.get('tpr_at_1fpr_ci'))} (best of {g['of']})"
+    )
+
+
+def _ci(pair: list | None) -> str:
+    lo, hi = pair or (None, None)
+    return f"[{_f(lo, 2)}, {_f(hi, 2)}]"
 
 
 def _f(x: float, digits: int = 3) -> str:

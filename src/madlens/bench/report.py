@@ -1,10 +1,20 @@
 """The bench's report.html: the headline matrix (label-free detectors apart from supervised
-ones), targets beside measurements, per-task ROC curves, histograms and AUROC by layer."""
+ones), the shortcut baselines and the goal per task, targets beside measurements, per-task
+ROC curves, histograms and AUROC by layer."""
 
 import math
 from typing import Any
 
 from madlens.bench.runner import TaskResult, headline_hook
+from madlens.bench.shortcuts import (
+    CONTROLLED_MAX,
+    GOAL_AUROC,
+    GOAL_RECALL,
+    controlled,
+    cue,
+    is_shortcut,
+    split_verdicts,
+)
 from madlens.detectors import DETECTORS
 from madlens.report import (
     auroc_colour,
@@ -56,7 +66,7 @@ def _apart(detector: str, supervised: list[str]) -> str:
 
 
 def _headline(rows: list[dict], task_names: list[str], multi: dict[str, str]) -> list[str]:
-    present = list(dict.fromkeys(r["detector"] for r in rows))
+    present = list(dict.fromkeys(r["detector"] for r in rows if not is_shortcut(r)))
     label_free = [d for d in present if not _supervised(d)]
     supervised = [d for d in present if _supervised(d)]
     group = (f"<th colspan='{len(supervised)}' class='apart'>supervised: see anomaly labels</th>"
@@ -64,7 +74,8 @@ def _headline(rows: list[dict], task_names: list[str], multi: dict[str, str]) ->
     out = [
         "<h2>Headline: AUROC by task and detector</h2><p class='muted'>Activation detectors on "
         "the multi-hook aggregate (mean of per-hook z-scored scores), output detectors on the "
-        "logits. Each cell: AUROC, and below it the recall at 1% FPR. Supervised detectors "
+        "logits. Each cell: AUROC, and below it the recall at 1% FPR with its bootstrap 95% "
+        "CI (hover: AUROC's CI). Supervised detectors "
         "declare that they see anomaly labels (cross-fitted on the test set): they are shown "
         "apart, as ceilings, not as monitors.</p>",
         "<table id='headline'><tr><th class='l' rowspan='2'>task</th>"
@@ -75,7 +86,8 @@ def _headline(rows: list[dict], task_names: list[str], multi: dict[str, str]) ->
         + "</tr>",
     ]
     for task in task_names:
-        cells = {r["detector"]: r for r in rows if r["task"] == task and _headline_hook(r, multi)}
+        here = [r for r in rows if r["task"] == task and not is_shortcut(r)]
+        cells = {r["detector"]: r for r in here if _headline_hook(r, multi)}
         out.append(f"<tr><td class='l'>{esc(task)}</td>")
         for d in label_free + supervised:
             r, apart = cells.get(d), _apart(d, supervised)
@@ -93,9 +105,86 @@ def _headline(rows: list[dict], task_names: list[str], multi: dict[str, str]) ->
                 out.append(
                     f"<td{apart} style='background:{auroc_colour(r['auroc'])}' title='95% CI "
                     f"{fmt(lo)}-{fmt(hi)}'>{fmt(r['auroc'], 2)}<br><span class='sub' "
-                    f"title='recall at 1% FPR'>{fmt(r.get('tpr_at_1fpr'), 2)}</span></td>"
+                    f"title='recall at 1% FPR, bootstrap 95% CI'>{fmt(r.get('tpr_at_1fpr'), 2)}"
+                    f" {_ci(r.get('tpr_at_1fpr_ci'))}</span></td>"
                 )
         out.append("</tr>")
+    out.append("</table>")
+    return out
+
+
+def _ci(pair: list | None) -> str:
+    lo, hi = pair or (None, None)
+    return f"[{fmt(lo, 2)}–{fmt(hi, 2)}]"
+
+
+def _shortcuts(rows: list[dict]) -> list[str]:
+    """Per split, each shortcut baseline's AUROC and the verdict: controlled when no cue
+    alone reaches above 0.6."""
+    mine = [r for r in rows if is_shortcut(r)]
+    if not mine:
+        return []
+    out = [
+        "<h2>Shortcut baselines</h2><p class='muted'>A shortcut baseline sees only a cue other "
+        "than the mechanism (<code>length</code>: tokens in the input; <code>novel-tokens"
+        "</code>: its tokens that occur in no trusted input; and the task's own cues, named in "
+        "its description). It is a classifier fitted on the test labels (bag of words or the "
+        "number into a logistic regression, cross-fitted on two folds): supervised, an upper "
+        f"bound on what the cue gives away, not a monitor. A split is controlled when every "
+        f"cue stays at AUROC &le; {CONTROLLED_MAX}.</p>",
+        "<table id='shortcuts'><tr><th class='l'>task / split</th><th class='l'>cue</th>"
+        "<th>AUROC</th><th>95% CI</th><th>verdict</th></tr>",
+    ]
+    verdicts = split_verdicts(mine)
+    for split, ok in verdicts.items():
+        here = [r for r in mine if r["task"] == split]
+        for i, r in enumerate(here):
+            first = (f"<td class='l' rowspan='{len(here)}'>{esc(split)}<br>"
+                     f"{verdict(ok, 'controlled', 'shortcut NOT controlled')}</td>"
+                     if i == 0 else "")  # fmt: skip
+            if r.get("constant") or r.get("status", "ok") != "ok":
+                value, ci = ("constant" if r.get("constant") else esc(r["status"])), ""
+            else:
+                value, ci = fmt(r["auroc"]), _ci(r.get("auroc_ci"))
+            ok_cue = controlled(r)
+            out.append(f"<tr class='shortcut'>{first}<td class='l'>{esc(cue(r))}</td>"
+                       f"<td>{value}</td><td>{ci}</td><td title='{esc(r.get('reason', ''))}'>"
+                       f"{verdict(ok_cue, 'controlled', 'NOT controlled')}</td></tr>")  # fmt: skip
+    out.append("</table>")
+    return out
+
+
+def _goal(doc: dict[str, Any]) -> list[str]:
+    """The issue's goal per task: the best label-free detector on each controlled split
+    (chosen on test labels, so optimistic), met or not; where no split is controlled, the
+    whole task's figure, marked as such."""
+    tasks = {name: t["goal"] for name, t in doc.get("tasks", {}).items() if t.get("goal")}
+    if not tasks:
+        return []
+    out = [
+        f"<h2>Goal: a label-free detector at AUROC &ge; {GOAL_AUROC} and recall at 1% FPR "
+        f"&ge; {GOAL_RECALL} on a controlled split</h2><p class='muted'>Per split, the best "
+        "label-free headline detector: one that meets both if any, else the highest AUROC. It "
+        "is the best of N, chosen on the test labels: an optimistic figure, not a monitor "
+        "picked in advance.</p>",
+        "<table id='goal'><tr><th class='l'>task</th><th class='l'>split</th><th class='l'>"
+        "best label-free (best of N, chosen on test labels = optimistic)</th><th>AUROC</th>"
+        "<th>recall at 1% FPR</th><th>verdict</th></tr>",
+    ]
+    for name, summary in tasks.items():
+        shown = [(g, verdict(g["met"])) for g in summary["goals"]]
+        if not summary["controlled_splits"]:
+            whole = summary.get("uncontrolled")
+            note = "<span class='fail'>no split controlled for its shortcuts: not assessable</span>"
+            shown = [(whole or {"split": name}, note)]
+        for g, mark in shown:
+            figures = (f"<td class='l'>{esc(g['detector'])} (best of {g['of']})</td><td>"
+                       f"{fmt(g['auroc'], 2)} {_ci(g['auroc_ci'])}</td><td>"
+                       f"{fmt(g['tpr_at_1fpr'], 2)} {_ci(g.get('tpr_at_1fpr_ci'))}</td>"
+                       if "detector" in g else "<td class='l' colspan='3'>no label-free "
+                       "detector measured</td>")  # fmt: skip
+            out.append(f"<tr><td class='l'>{esc(name)}</td><td class='l'>{esc(g['split'])}"
+                       f"</td>{figures}<td>{mark}</td></tr>")  # fmt: skip
     out.append("</table>")
     return out
 
@@ -140,6 +229,8 @@ def render_report(doc: dict[str, Any], results: list[TaskResult]) -> str:
         out.append(f"<p class='fail' id='failed-{esc(name)}'>{esc(message)}: no AUROC is "
                    "reported for this task.</p>")  # fmt: skip
     out += _headline(rows, task_names, multi)
+    out += _goal(doc)
+    out += _shortcuts(rows)
     out += _unmeasured(rows)
     out.append("<h2>Targets</h2><table id='targets'><tr><th class='l'>task</th>"
                "<th class='l'>target</th><th class='l'>judged on</th><th>measured AUROC</th>"
@@ -205,7 +296,8 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
     out.append("<div class='plots'>" + "".join(plots) + "</div>")
     out.append("<details><summary>all rows</summary><table><tr><th class='l'>task</th>"
                "<th class='l'>detector</th><th class='l'>hook</th><th>AUROC</th><th>95% CI</th>"
-               "<th>AP</th><th>FPR@95TPR</th><th>fit s</th><th>score s</th></tr>")  # fmt: skip
+               "<th>AP</th><th>FPR@95TPR</th><th>recall@1%FPR</th><th>95% CI</th><th>fit s</th>"
+               "<th>score s</th></tr>")  # fmt: skip
     for r in rows:
         if r["task"] == task.name and not _measured(r):
             error = _status(r) == "error"
@@ -213,7 +305,7 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
             out.append(
                 f"<tr><td class='l'>{esc(r['task'])}</td><td class='l'>{esc(r['detector'])}</td>"
                 f"<td class='l'>{esc(r['hook'] if error else 'n/a')}</td><td class='l"
-                f"{' fail' if error else ''}' colspan='6'>{reason}</td></tr>"
+                f"{' fail' if error else ''}' colspan='8'>{reason}</td></tr>"
             )
         elif r["task"] == task.name or r["task"].startswith(task.name + "/"):
             lo, hi = r.get("auroc_ci") or (None, None)
@@ -221,7 +313,8 @@ def _task_section(res: TaskResult, rows: list[dict], multi_hook: str) -> str:
                 f"<tr><td class='l'>{esc(r['task'])}</td><td class='l'>{esc(r['detector'])}</td>"
                 f"<td class='l'>{esc(r['hook'])}</td><td>{fmt(r['auroc'])}</td>"
                 f"<td>{fmt(lo)}-{fmt(hi)}</td><td>{fmt(r['ap'])}</td>"
-                f"<td>{fmt(r['fpr_at_95tpr'])}</td><td>{r['fit_s']:.3f}</td>"
+                f"<td>{fmt(r['fpr_at_95tpr'])}</td><td>{fmt(r.get('tpr_at_1fpr'))}</td>"
+                f"<td>{_ci(r.get('tpr_at_1fpr_ci'))}</td><td>{r['fit_s']:.3f}</td>"
                 f"<td>{r['score_s']:.3f}</td></tr>"
             )
     out.append("</table></details>")

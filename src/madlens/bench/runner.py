@@ -1,6 +1,7 @@
-"""The bench runner: tasks x detectors x hooks -> one results row each (AUROC with its
-bootstrap CI, AP, FPR@95TPR, recall at 1% FPR, timings, status), plus the scores the report
-plots. It asks each detector what it needs (its declarations), never switches on names."""
+"""The bench runner: tasks x detectors x hooks -> one results row each (AUROC and recall at
+1% FPR with their bootstrap CIs, AP, FPR@95TPR, timings, status), plus the shortcut
+baselines (`shortcut:<cue>` rows) and the scores the report plots. It asks each detector
+what it needs (its declarations), never switches on names."""
 
 import time
 import warnings
@@ -12,6 +13,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from madlens import __version__
+from madlens.activations.capture import context_limit
+from madlens.bench.shortcuts import (
+    PREFIX,
+    SHORTCUT_HOOK,
+    constant,
+    cue_scores,
+    generic_views,
+    is_text,
+    task_goals,
+)
 from madlens.detectors import DETECTORS, ContrastPairs
 from madlens.errors import MadlensError
 from madlens.metrics import evaluate
@@ -63,14 +74,15 @@ def na_row(
     nan2 = [None, None]
     return {
         "task": task.name, "detector": detector, "hook": hook, "auroc": None, "auroc_ci": nan2,
-        "ap": None, "fpr_at_95tpr": None, "tpr_at_1fpr": None,
+        "ap": None, "fpr_at_95tpr": None, "tpr_at_1fpr": None, "tpr_at_1fpr_ci": nan2,
         "n_normal": int((task.labels == 0).sum()), "n_anomalous": int(task.labels.sum()),
         "fit_s": 0.0, "score_s": 0.0, "status": status, "reason": reason,
     }  # fmt: skip
 
 
 def _two_fold(labels: np.ndarray, seed: int) -> list[np.ndarray]:
-    """Stratified split of the test set into two folds (for skylines)."""
+    """Stratified split of the test set into two folds (for skylines and shortcut
+    baselines)."""
     rng = np.random.default_rng(seed)
     folds = np.zeros(len(labels), dtype=int)
     for cls in (0, 1):
@@ -123,7 +135,8 @@ def _row(task: str, detector: str, hook: str, labels: np.ndarray, scores: np.nda
         "task": task, "detector": detector, "hook": hook, "auroc": metrics["auroc"],
         "auroc_ci": metrics["auroc_ci"], "ap": metrics["ap"],
         "fpr_at_95tpr": metrics["fpr_at_95tpr"], "tpr_at_1fpr": metrics["tpr_at_1fpr"],
-        "n_normal": metrics["n_normal"], "n_anomalous": metrics["n_anomalous"],
+        "tpr_at_1fpr_ci": metrics["tpr_at_1fpr_ci"], "n_normal": metrics["n_normal"],
+        "n_anomalous": metrics["n_anomalous"],
         "fit_s": round(fit_s, 4), "score_s": round(score_s, 4), "status": "ok",
     }  # fmt: skip
 
@@ -211,11 +224,63 @@ def run_task(
         result.rows.append(_row(task.name, name, hook, labels, scores, fit_s, score_s,
                                 n_resamples, seed))  # fmt: skip
         for group in _anomalous_groups(task):
-            keep = np.array([y == 0 or g == group for y, g in zip(labels, task.groups)])
+            keep = group_split(task, group)
             result.rows.append(_row(f"{task.name}/{group}", name, hook, labels[keep],
                                     scores[keep], fit_s, score_s, n_resamples, seed))  # fmt: skip
+    views = generic_views(task, model.tokenizer, context_limit(model)) | task.shortcuts
+    result.rows += shortcut_rows(task, views, seed, n_resamples, result.scores)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def shortcut_rows(
+    task: Task,
+    views: dict[str, Any],
+    seed: int,
+    n_resamples: int,
+    scores: dict[tuple[str, str], np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
+    """One `shortcut:<cue>` row per cue and split (the task, and each anomaly kind against
+    its normals): a classifier that sees only the cue, cross-fitted on that split's labels
+    with the two folds the supervised detectors use. Supervised by construction (an upper
+    bound on what the cue gives away), marked `supervised`. The whole task's scores go into
+    `scores` (for the report's plots)."""
+    splits = [(task.name, np.ones(len(task.labels), dtype=bool))]
+    splits += [(f"{task.name}/{g}", group_split(task, g)) for g in _anomalous_groups(task)]
+    rows = []
+    for cue, view in views.items():
+        name = PREFIX + cue
+        for split, keep in splits:
+            where = np.flatnonzero(keep)
+            part = [view[i] for i in where] if is_text(view) else np.asarray(view)[where]
+            labels = task.labels[where]
+            if constant(part):
+                same = "the cue is the same on every input of this split: it separates nothing"
+                row = na_row(task, name, same, SHORTCUT_HOOK) | {"constant": True}
+                row.update(task=split, n_normal=int((labels == 0).sum()),
+                           n_anomalous=int(labels.sum()))  # fmt: skip
+            else:
+                start = time.perf_counter()
+                try:
+                    cue_score = cue_scores(part, labels, _two_fold(labels, seed))
+                except Exception as exc:  # noqa: BLE001 - an error row, like a failed detector
+                    rows.append(na_row(task, name, _reason(exc), SHORTCUT_HOOK, "error")
+                                | {"task": split, "supervised": True})  # fmt: skip
+                    continue
+                row = _row(split, name, SHORTCUT_HOOK, labels, cue_score,
+                           time.perf_counter() - start, 0.0, n_resamples, seed)  # fmt: skip
+                if split == task.name and scores is not None:
+                    scores[(name, SHORTCUT_HOOK)] = cue_score
+            rows.append(row | {"supervised": True})
+    return rows
+
+
+def group_split(task: Task, group: str) -> np.ndarray:
+    """The test inputs of one anomaly kind's split: that kind and its normals (those
+    `Task.controls` names for it, else every normal)."""
+    normals = task.controls.get(group)
+    return np.array([g == group if y == 1 else normals is None or g in normals
+                     for y, g in zip(task.labels, task.groups)])  # fmt: skip
 
 
 def _fill_through_ray(base: Monitor, task: Task, readers: list[str], address: str | None) -> None:
@@ -246,17 +311,22 @@ def _reason(exc: Exception) -> str:
 
 
 def _anomalous_groups(task: Task) -> list[str]:
+    """The anomaly kinds that get their own rows: every kind when there are several, or one
+    compared with the normals that control it."""
     groups = sorted({g for g, y in zip(task.groups, task.labels) if y == 1})
-    return groups if len(groups) > 1 else []
+    return groups if len(groups) > 1 or task.controls else []
 
 
 def results_json(model: str, results: list[TaskResult]) -> dict[str, Any]:
-    """The `results.json` document (contract in DESIGN.md), plus each task's checks."""
+    """The `results.json` document (contract in DESIGN.md), plus each task's checks, its
+    cues and controls, and its goal summary (`shortcuts.task_goals`)."""
+    rows = [row for r in results for row in r.rows]
+    label_free = {name for name, cls in DETECTORS.items() if not cls.supervised}
     return {
         "madlens_version": __version__,
         "model": model,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "rows": [row for r in results for row in r.rows],
+        "rows": rows,
         "tasks": {
             r.task.name: {
                 "description": r.task.description,
@@ -266,7 +336,21 @@ def results_json(model: str, results: list[TaskResult]) -> dict[str, Any]:
                 "position": r.task.position,
                 "n_trusted": len(r.task.trusted),
                 "seconds": round(r.seconds, 1),
+                "shortcuts": _cues(r),
+                "controls": r.task.controls,
+                "goal": task_goals(rows, r.task.name, _headline_hooks(r), label_free),
             }
             for r in results
         },  # fmt: skip
     }
+
+
+def _cues(result: TaskResult) -> list[str]:
+    """The cues the task's shortcut baselines read."""
+    rows = [r for r in result.rows if r["hook"] == SHORTCUT_HOOK and r["task"] == result.task.name]
+    return [r["detector"].removeprefix(PREFIX) for r in rows]
+
+
+def _headline_hooks(result: TaskResult) -> set[str]:
+    """The hooks of a task's headline rows: its multi-hook aggregate, logits, follow-ups."""
+    return {headline_hook(result), "output", "black-box"}

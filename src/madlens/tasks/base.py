@@ -36,7 +36,10 @@ class Task:
     shortcut baseline on each view (a classifier that sees only the cue, cross-fitted on the
     test labels, an upper bound on what the cue gives away) and reports its AUROC; a
     controlled task keeps it <= 0.6. The description says in words what each cue is and
-    which test group controls it.
+    which test group controls it. `controls` maps an anomalous group to the normal groups
+    that share its shortcuts (role-play attacks <-> benign role-play requests): that group's
+    rows (`task/group`) compare it with those normals only; a group not named there is
+    compared with every normal.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Task:
     description: str = ""
     contrast: tuple[list[Input], list[Input]] | None = None
     shortcuts: dict[str, list[str] | np.ndarray] = field(default_factory=dict)
+    controls: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -74,6 +78,14 @@ class Task:
                 )
         if self.groups is None:
             self.groups = ["normal" if y == 0 else "anomalous" for y in self.labels]
+        kinds = [{g for g, y in zip(self.groups, self.labels) if y == c} for c in (0, 1)]
+        for group, normals in self.controls.items():
+            wrong = [g for g in normals if g not in kinds[0]]
+            if group not in kinds[1] or not normals or wrong:
+                raise MadlensError(
+                    f"task {self.name}: controls maps an anomalous test group to normal "
+                    f"ones; got '{group}' -> {normals}"
+                )
 
 
 @dataclass(frozen=True)
