@@ -41,5 +41,8 @@ def build_ood(
         name="ood", model=model, trusted=[user(q) for q in trusted],
         test=[user(x) for x in test], labels=np.r_[np.zeros(n_group), np.ones(len(test) - n_group)],
         untrusted=[user(x) for x in test], position="last", groups=groups,
-        description="English chat questions vs code, other languages, base64, random strings",
+        description="English chat questions vs code, other languages, base64, random strings. "
+        "The novelty sanity check: there is no mechanism here, only novelty, so every cue "
+        "(tokens unseen in trusted data, length, format) separates it by design and no group "
+        "controls it; a detector that fails here fails at novelty itself",
     )  # fmt: skip
