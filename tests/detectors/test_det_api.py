@@ -19,6 +19,7 @@ EXPECTED_NAMES = {
     "isolation-forest",
     "pca-residual",
     "defection-probe",
+    "refusal-direction",
     "mass-mean-probe-skyline",
     "logistic-probe-skyline",
     "msp",

@@ -63,6 +63,7 @@ SCENARIOS = {
     "isolation-forest": mean_shift,
     "pca-residual": rare_direction,
     "defection-probe": mean_shift,
+    "refusal-direction": mean_shift,
     "mass-mean-probe-skyline": mean_shift,
     "logistic-probe-skyline": mean_shift,
     "ccs": mean_shift,
@@ -143,8 +144,9 @@ def test_activation_detector_separates_planted_anomaly(name, multi_hook):
 
 # CCS is left out: its direction is only ~0.75 aligned with the pairs' own (the rest follows
 # the rows' spread), so with unrelated pairs it still lands near the anomaly by chance at
-# some seeds; the defection probe and CRC-TPC take the pairs' direction exactly.
-@pytest.mark.parametrize("name", ["crc-tpc", "defection-probe"])
+# some seeds; the defection probe, the refusal direction and CRC-TPC take the pairs'
+# direction exactly.
+@pytest.mark.parametrize("name", ["crc-tpc", "defection-probe", "refusal-direction"])
 def test_contrast_pairs_without_the_anomaly_direction_do_not_separate_it(name):
     """The control that shows the planted test could fail: pairs drawn the same way but along
     a direction orthogonal to the anomaly's give a chance-level AUROC."""

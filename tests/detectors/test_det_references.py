@@ -385,7 +385,8 @@ def test_defection_probe_projects_on_the_contrast_mean_difference():
     test = rng.normal(size=(10, 5))
     direction = positive.mean(0) - negative.mean(0)
     expected = (test - trusted.mean(0)) @ direction / np.linalg.norm(direction)
-    det = D.DefectionProbe().fit(trusted, contrast=D.ContrastPairs(positive, negative))
+    pairs = D.ContrastPairs(positive, negative)
+    det = D.DefectionProbe(orient="contrast").fit(trusted, test, contrast=pairs)
     np.testing.assert_allclose(det.score(test), expected)
 
 

@@ -26,6 +26,7 @@ from madlens.detectors.knn import KNN
 from madlens.detectors.lie_detector import LieDetector, elicitation_features
 from madlens.detectors.output import MSP, Energy, Entropy, MaxLogit, Perplexity, WindowedPerplexity
 from madlens.detectors.probes import DefectionProbe, LogisticProbe, MassMeanProbe
+from madlens.detectors.refusal import RefusalDirection
 from madlens.detectors.sae import SAERare, SAERecon
 from madlens.detectors.sklearn_detectors import LOF, IsolationForest
 from madlens.detectors.spectral import QUE, PCAResidual, SpectralSignature
@@ -58,6 +59,7 @@ __all__ = [
     "SAERare",
     "SAERecon",
     "Perplexity",
+    "RefusalDirection",
     "SpectralSignature",
     "StreamingMoments",
     "WindowedPerplexity",

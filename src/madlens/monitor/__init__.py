@@ -5,6 +5,8 @@ The one fit / score path of madlens (the bench and the server go through it)."""
 from madlens.monitor.conformal import combine, p_values, threshold
 from madlens.monitor.monitor import (
     CONTRAST_QUESTIONS,
+    HARMFUL_INSTRUCTIONS,
+    HARMLESS_INSTRUCTIONS,
     Features,
     Monitor,
     Scores,
@@ -14,6 +16,8 @@ from madlens.monitor.monitor import (
 
 __all__ = [
     "CONTRAST_QUESTIONS",
+    "HARMFUL_INSTRUCTIONS",
+    "HARMLESS_INSTRUCTIONS",
     "Features",
     "Monitor",
     "Scores",
