@@ -243,3 +243,35 @@ def test_metric_ranges_and_ap_matches_sklearn(case):
     best = metrics.aurc(ordered, np.arange(len(ordered)))
     worst = metrics.aurc(ordered[::-1], np.arange(len(ordered)))
     assert best - 1e-12 <= metrics.aurc(labels, scores) <= worst + 1e-12
+
+
+def _tpr_at_1fpr_brute_force(labels, scores):
+    """The largest share of anomalies flagged by any threshold that flags at most 1% of the
+    normal examples (a threshold above every score flags nothing)."""
+    best = 0.0
+    for t in np.r_[np.unique(scores), np.inf]:
+        flagged = scores >= t
+        if flagged[labels == 0].mean() <= 0.01:
+            best = max(best, flagged[labels == 1].mean())
+    return best
+
+
+@pytest.mark.parametrize("n_levels", [None, 4])
+def test_recall_at_1pct_fpr_ci_equals_a_brute_force_bootstrap(n_levels):
+    labels, scores = _random_case(5, n=300, n_levels=n_levels)
+    scores = scores + 1.5 * labels  # a useful detector: recall at 1% FPR well above 0
+    n_resamples, seed = 150, 2
+    row = metrics.evaluate(labels, scores, n_resamples=n_resamples, seed=seed)
+
+    rng = np.random.default_rng(seed)  # stratified: anomalous drawn first, then normal
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    pos_draws = pos[rng.integers(0, len(pos), size=(n_resamples, len(pos)))]
+    neg_draws = neg[rng.integers(0, len(neg), size=(n_resamples, len(neg)))]
+    values = [
+        _tpr_at_1fpr_brute_force(labels[np.r_[p, n]], scores[np.r_[p, n]])
+        for p, n in zip(pos_draws, neg_draws, strict=True)
+    ]
+    assert row["tpr_at_1fpr"] == pytest.approx(_tpr_at_1fpr_brute_force(labels, scores))
+    assert row["tpr_at_1fpr_ci"] == pytest.approx(list(np.percentile(values, [2.5, 97.5])))
+    lo, hi = row["tpr_at_1fpr_ci"]
+    assert 0 < lo < row["tpr_at_1fpr"] < hi < 1
