@@ -21,6 +21,7 @@ from madlens.cli import (
     circuits,
     detectors,
     extract,
+    lab,
     models,
     monitor,
     runs,
@@ -41,6 +42,7 @@ app.command("explain")(sae.explain)
 app.command("extract")(extract.extract)
 app.command("bench")(bench.bench)
 app.command("serve")(serve.serve)
+app.command("lab")(lab.lab)
 app.add_typer(models.app, name="models")
 app.add_typer(circuits.app, name="circuits")
 app.add_typer(sae.app, name="sae")
