@@ -75,10 +75,14 @@ def test_bench_report(bench, tmp_path):
     # the error row, with its reason, in the error table and the all-rows table
     assert "<table id='errors'>" in html and html.count("singular &lt;matrix&gt;") == 2
     assert "id='not-applicable'" in html and "transcripts" in html  # lie-detector: n/a
-    # recall at 1% FPR beside each measured headline AUROC
+    # recall at 1% FPR, with its bootstrap CI, beside each measured headline AUROC
     row = next(r for r in doc["rows"] if r["detector"] == "perplexity")
-    assert f"{row['auroc']:.2f}<br><span class='sub' title='recall at 1% FPR'>" \
-           f"{row['tpr_at_1fpr']:.2f}</span>" in html  # fmt: skip
+    lo, hi = row["tpr_at_1fpr_ci"]
+    assert f"{row['auroc']:.2f}<br><span class='sub' title='recall at 1% FPR, bootstrap 95% " \
+           f"CI'>{row['tpr_at_1fpr']:.2f} [{lo:.2f}–{hi:.2f}]</span>" in html  # fmt: skip
+    # the shortcut baselines: supervised, so never a headline column
+    assert "<table id='shortcuts'>" in html and "<table id='goal'>" in html
+    assert not any(name.startswith("shortcut:") for name in free + supervised)
     page = tmp_path / "report.html"
     page.write_text(html, encoding="utf-8")
     dom = dump_dom(page)
