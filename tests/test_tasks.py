@@ -353,3 +353,34 @@ def test_gcg_without_an_improving_candidate_reports_the_kept_suffix_loss(gcg_mod
     start = pool[torch.randint(len(pool), (config.n_tokens,), generator=generator)].tolist()
     assert text == tokenizer.decode(start)
     assert loss == pytest.approx(_gcg_hand_loss(model, tokenizer, start), rel=1e-6)
+
+
+def test_jailbreak_roleplay_is_controlled_by_benign_roleplay(home):
+    from madlens.tasks.jailbreak import BENIGN_REQUESTS, REQUESTS, ROLEPLAY
+
+    task = build_task("jailbreak-suffix", "tiny-test", quick=True, progress=False, check=False)
+    groups, labels = np.array(task.groups), task.labels
+    framing = np.array(task.shortcuts["framing"], dtype=object)
+    benign, attack = groups == "benign-roleplay", groups == "roleplay"
+    assert benign.sum() == attack.sum() > 0
+    assert (labels[benign] == 0).all() and (labels[attack] == 1).all()
+    assert task.controls == {"gcg": ["natural"], "random": ["natural"],
+                             "roleplay": ["benign-roleplay"]}  # fmt: skip
+    # The same framings in the same proportions on both sides of the role-play split, and
+    # none elsewhere: a framing's presence and text cannot separate that split.
+    assert sorted(framing[benign]) == sorted(framing[attack])
+    assert all(framing[benign | attack]) and not any(framing[~(benign | attack)])
+    # Each framed prompt is its framing around a request: a harmful test request (attack) or
+    # the benign counterpart of one (control).
+    natural = [x[-1]["content"] for x, g in zip(task.test, groups) if g == "natural"]
+    counterpart = dict(zip(REQUESTS, BENIGN_REQUESTS, strict=True))
+    for item, cue, group in zip(task.test, framing, groups):
+        if not cue:
+            continue
+        template = next(t for t in ROLEPLAY if t.replace("{r}", "") == cue)
+        before, after = template.split("{r}")
+        text = item[-1]["content"]
+        request = text[len(before) : len(text) - len(after)]
+        assert text == before + request + after
+        assert request in (natural if group == "roleplay" else
+                           [counterpart[r] for r in natural])  # fmt: skip
