@@ -53,7 +53,7 @@ def multi_hook_name(hooks: list[str]) -> str:
 
 def headline_hook(result: "TaskResult") -> str:
     """The hook a task's headline uses: its multi-hook aggregate, or its only hook."""
-    hooks = [h for _, h in result.scores if h not in ("output", "black-box", "n/a")]
+    hooks = [h for _, h in result.scores if h not in ("output", "black-box", "n/a", SHORTCUT_HOOK)]
     multi = [h for h in hooks if "+" in h]
     return multi[0] if multi else (hooks or [""])[0]
 
