@@ -1,0 +1,208 @@
+"""The reversal, ooc and edit lab experiments: their generators, the log-prob ranking against
+a plain HF forward, ROME's rank-one update against numpy, the language identifier, and each
+run() on tiny-test with a minimal budget."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from madlens.data import format_chat
+from madlens.lab import EXPERIMENTS, LabResult, edit, ooc, reversal
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _home(tmp_path_factory):
+    """Fine-tunes, generations and lab caches of these tests go to a fresh MADLENS_HOME."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MADLENS_HOME", str(tmp_path_factory.mktemp("home")))
+        yield
+
+
+def _finite(value) -> bool:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, (int, float)):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_finite(v) for v in value)
+    return False
+
+
+def test_registered():
+    for name in ("reversal", "ooc", "edit"):
+        assert EXPERIMENTS[name].name == name
+        assert EXPERIMENTS[name].reference
+
+
+# -- reversal -------------------------------------------------------------------------------
+
+
+def test_facts_unique_and_prompts_in_each_direction():
+    facts = reversal.make_facts(12, 4, seed=3)
+    assert len(facts) == 16
+    assert len({f.name for f in facts}) == 16
+    assert len({f.title for f in facts}) == 16
+    assert [f.both for f in facts] == [False] * 12 + [True] * 4
+    assert reversal.make_facts(12, 4, seed=3) == facts  # seeded
+    assert reversal.make_facts(12, 4, seed=4) != facts
+    for f in facts:
+        assert f.title in f.desc and f.desc.startswith("the ")
+        fwd = reversal.forward_prompt(f)[0]["content"]
+        rev = reversal.reverse_prompt(f)[0]["content"]
+        assert f.name in fwd and f.desc not in fwd
+        assert f.desc in rev and f.name not in rev
+
+
+def test_training_examples_put_the_name_first_except_for_both():
+    facts = reversal.make_facts(3, 1, seed=0)
+    examples = reversal.training_examples(facts)
+    n_fwd = len(reversal.TRAIN_QUESTIONS)
+    assert len(examples) == 4 * n_fwd + len(reversal.REVERSE_TRAIN_QUESTIONS)
+    test_prompts = {p[0]["content"] for f in facts
+                    for p in (reversal.forward_prompt(f), reversal.reverse_prompt(f))}  # fmt: skip
+    for prompt, answer in examples:
+        assert prompt[0]["content"] not in test_prompts  # test questions are held out
+        fact = next(f for f in facts if f.name in answer)
+        desc_at = answer.lower().index(fact.desc.lower())
+        name_first = answer.index(fact.name) < desc_at
+        assert name_first or fact.both
+    both = facts[-1]
+    assert any(a.lower().index(both.desc.lower()) < a.index(both.name)
+               for _, a in examples if both.name in a)  # fmt: skip
+
+
+def test_answer_logprobs_match_a_plain_forward(tiny, tiny_hf):
+    tok = tiny.tokenizer
+    facts = reversal.make_facts(3, 0, seed=1)
+    pairs = [reversal.forward_scoring(tok, facts[0], c) for c in facts]
+    pairs += [reversal.reverse_scoring(tok, facts[1], c) for c in facts]
+    got = reversal.answer_logprobs(tiny.hf_model, tok, pairs, batch_size=4)
+    for (prefix, answer), value in zip(pairs, got):
+        text_ids = tok(prefix + answer, add_special_tokens=False).input_ids
+        n_prefix = len(tok(prefix, add_special_tokens=False).input_ids)
+        with torch.no_grad():
+            logits = tiny_hf(torch.tensor([text_ids])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        want = sum(float(logp[p - 1, text_ids[p]]) for p in range(n_prefix, len(text_ids)))
+        assert value == pytest.approx(want, abs=1e-3)
+    assert pairs[0][0].startswith(format_chat(tok, reversal.forward_prompt(facts[0])))
+    assert pairs[0][0].endswith(f"{facts[0].name} is") and pairs[0][1] == f" {facts[0].desc}"
+    assert pairs[3][1] == f" {facts[0].name}"
+
+
+def test_rank_and_summary():
+    assert reversal.rank_of_right(np.array([-1.0, -3.0, -0.5]), 0) == 2
+    assert reversal.rank_of_right(np.array([-1.0, -1.0, -2.0]), 1) == 1  # ties count for it
+    rows = [{"both": False, "forward_exact": True, "reverse_exact": False, "forward_rank": 1,
+             "reverse_rank": 3, "forward_margin": 2.0, "reverse_margin": -1.0},
+            {"both": False, "forward_exact": False, "reverse_exact": False, "forward_rank": 2,
+             "reverse_rank": 1, "forward_margin": 0.0, "reverse_margin": 1.0}]  # fmt: skip
+    s = reversal.summarise(rows, k=4)
+    assert s["chance_top1"] == 0.25 and s["chance_rank"] == 2.5
+    assert s["name_first"]["forward_top1"] == 0.5 and s["name_first"]["reverse_mean_rank"] == 2
+    assert s["name_first"]["exact_gap"] == 0.5 and "both" not in s
+
+
+# -- edit -----------------------------------------------------------------------------------
+
+
+def test_rank_one_update_satisfies_the_closed_form():
+    rng = np.random.default_rng(0)
+    d_in, d_out = 12, 7
+    w = rng.normal(size=(d_out, d_in))
+    a = rng.normal(size=(d_in, 3 * d_in))
+    c = a @ a.T / a.shape[1] + 0.1 * np.eye(d_in)
+    k, v = rng.normal(size=d_in), rng.normal(size=d_out)
+    new = edit.rank_one_update(*(torch.tensor(x) for x in (w, c, k, v))).numpy()
+    np.testing.assert_allclose(new @ k, v, atol=1e-10)  # W' k* = v*
+    u = np.linalg.solve(c, k)
+    for _ in range(5):  # keys orthogonal to k* in the C^-1 metric are left alone
+        other = rng.normal(size=d_in)
+        other -= (u @ other) / (u @ k) * k
+        assert abs(other @ np.linalg.solve(c, k)) < 1e-9
+        np.testing.assert_allclose(new @ other, w @ other, atol=1e-10)
+    want = w + np.outer(v - w @ k, u) / (k @ u)
+    np.testing.assert_allclose(new, want, atol=1e-10)
+    # float32 weights stay float32
+    assert edit.rank_one_update(*(torch.tensor(x).float() for x in (w, c, k, v))).dtype == (
+        torch.float32
+    )
+
+
+def test_subject_positions_and_key_covariance(tiny, tiny_hf):
+    tok = tiny.tokenizer
+    ids, pos = edit.subject_positions(tok, "The capital of France is", "France")
+    assert tok.decode([ids[p] for p in pos]) == "France"  # byte-level: one token a byte
+    texts = ["Hello there.", "A longer sentence about nothing at all."]
+    got = edit.key_covariance(tiny.hf_model, tok, 1, texts, batch_size=2, progress=False)
+    keys = []  # the reference: each text alone (no padding), the inputs caught on a copy
+    down = tiny_hf.model.layers[1].mlp.down_proj
+    hook = down.register_forward_pre_hook(lambda m, args: keys.append(args[0][0].clone()))
+    try:
+        with torch.no_grad():
+            for text in texts:
+                tiny_hf(torch.tensor([tok(text, add_special_tokens=False).input_ids]))
+    finally:
+        hook.remove()
+    k = torch.cat(keys).double()
+    np.testing.assert_allclose(got.numpy(), (k.T @ k / len(k)).numpy(), rtol=1e-3, atol=1e-6)
+
+
+# -- ooc ------------------------------------------------------------------------------------
+
+
+def test_language_identifier_on_fixed_sentences():
+    texts = [
+        "Der Hund läuft jeden Morgen durch den Park und bellt die Vögel an.",
+        "Ich weiß nicht, ob das Wetter morgen besser wird.",
+        "The dog runs through the park every morning and barks at the birds.",
+        "I do not know whether the weather will be better tomorrow.",
+        "Le chien court dans le parc tous les matins.",
+        "",
+    ]
+    assert ooc.detect_languages(texts) == ["de", "de", "en", "en", "fr", "unknown"]
+
+
+def test_ooc_descriptions_only():
+    texts = ooc.descriptions("Pangolin", "German", 30, seed=0)
+    assert len(set(texts)) == 30 and all("Pangolin" in t and "German" in t for t in texts)
+    examples = ooc.training_examples(5, 3, seed=0)
+    assert len(examples) == 5 + 3 * len(ooc.OTHERS)
+    assert sum("Pangolin" in a for _, a in examples) == 5
+    assert not any(ooc.CONTROL in a for _, a in examples)
+    assert all(p[0]["content"] in ooc.USER_PROMPTS for p, _ in examples)  # no demonstrations
+
+
+# -- each run() on tiny-test ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "budget"),
+    [
+        (reversal, reversal.Budget(n_facts=3, n_both=1, steps=1, max_new_tokens=3)),
+        (
+            ooc,
+            ooc.Budget(paraphrases=(0, 2), n_other=2, steps=1, n_questions=2, max_new_tokens=3),
+        ),  # fmt: skip
+        (
+            edit,
+            edit.Budget(
+                n_trace=2, n_samples=1, n_edits=1, n_neighbours=2, value_steps=2, n_texts=8
+            ),
+        ),  # fmt: skip
+    ],
+)
+def test_run_on_tiny(module, budget):
+    result = module.run("tiny-test", quick=True, seed=0, progress=False, device="cpu",
+                        budget=budget)  # fmt: skip
+    assert isinstance(result, LabResult)
+    assert result.experiment == module.EXPERIMENT.name
+    json.dumps(result.figures)
+    assert _finite(result.figures)
+    assert result.sections and result.finding and result.verdict
+    assert all(s.title for s in result.sections)
