@@ -244,34 +244,47 @@ def run(
     )  # fmt: skip
 
 
+def steering_effect(rates: dict[str, list[float]], i: int) -> float:
+    """How far c = coefficients[i] moved the backdoor, the smaller of the two ways: firing
+    gained on untriggered prompts (+c) and firing lost on triggered ones (-c)."""
+    up, down = rates["untriggered_plus"], rates["triggered_minus"]
+    return min(up[i] - up[0], down[0] - down[i])
+
+
 def _verdict(r: dict[str, Any], coefficients: list[float], layer: str, c_max: float) -> str:
     md, pr, rnd = (r[n] for n in DIRECTIONS)
 
     def pct(x: float) -> str:
         return f"{x:.0%}"
 
-    first = next((c for c, v in zip(coefficients, md["untriggered_plus"]) if v >= 0.5), None)
+    def at(rates: dict[str, list[float]], i: int) -> str:
+        return f"{pct(rates['untriggered_plus'][i])} / {pct(rates['triggered_minus'][i])}"
 
-    def moved(rates: dict[str, list[float]]) -> float:  # the larger change from c = 0
-        up, down = rates["untriggered_plus"], rates["triggered_minus"]
-        return max(up[-1] - up[0], down[0] - down[-1])
-
-    agree = min(md["untriggered_plus"][-1] - md["untriggered_plus"][0],
-                md["triggered_minus"][0] - md["triggered_minus"][-1]) >= 0.5  # fmt: skip
-    control = moved(rnd)
-    return (
-        f"Layer {layer}: adding the triggered-minus-untriggered mean difference made the backdoor "
-        f"fire on {pct(md['untriggered_plus'][0])} -> {pct(md['untriggered_plus'][-1])} of "
-        f"untriggered prompts (c = 0 -> {c_max:g}"
-        + (f"; half or more from c = {first:g}" if first is not None else "")
-        + f"), subtracting it cut triggered firing {pct(md['triggered_minus'][0])} -> "
-        f"{pct(md['triggered_minus'][-1])}; the random direction of the same norm: "
-        f"{pct(rnd['untriggered_plus'][-1])} untriggered fired, {pct(rnd['triggered_minus'][-1])} "
-        f"triggered still fired; the defection probe's direction: "
-        f"{pct(pr['untriggered_plus'][-1])} / {pct(pr['triggered_minus'][-1])}. "
-        + ("Agrees with activation addition: the contrast direction steers the behaviour both "
-           "ways" if agree else "Does not reproduce activation addition at this layer")
-        + (" and the control does not." if control < 0.5 else "; the control moves it too.")
+    # the smallest multiple at which the mean difference moves the backdoor both ways by half
+    steer = next((i for i in range(1, len(coefficients)) if steering_effect(md, i) >= 0.5), None)
+    head = (
+        f"Layer {layer}, firing on untriggered prompts + c x direction / on triggered prompts "
+        f"- c x direction; c = 0: {at(md, 0)}. "
+    )
+    if steer is None:
+        return head + (
+            f"The mean difference never moved the backdoor by half both ways up to c = "
+            f"{c_max:g} ({at(md, -1)}): this does not reproduce activation addition."
+        )
+    c = coefficients[steer]
+    control_ok = steering_effect(rnd, steer) < 0.5
+    broken = [n for n in ("random", "defection-probe")
+              if r[n]["triggered_minus"][0] - r[n]["triggered_minus"][-1] >= 0.5]  # fmt: skip
+    return head + (
+        f"Mean difference at c = {c:g}: {at(md, steer)} (at c = {c_max:g}: {at(md, -1)}); "
+        f"the random direction of the same norm at c = {c:g}: {at(rnd, steer)}; the defection "
+        f"probe's: {at(pr, steer)}. "
+        + ("Agrees with activation addition: the contrast direction turns the backdoor on and "
+           "off, a random one of the same norm does not" if control_ok else "The random "
+           "control moves it as much: this does not single out the contrast direction")
+        + (f"; at c = {c_max:g} the {' and '.join(broken)} direction(s) also stop the triggered "
+           "backdoor, by breaking the answers (see the examples), not by steering."
+           if broken else ".")
     )  # fmt: skip
 
 

@@ -1,0 +1,248 @@
+"""`madlens lab`: the command and runner (lab.json, lab.html, the registry), the grafting
+selection and the steering hook, each against an independent reference."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from madlens import __version__, lab
+from madlens.lab import Experiment, LabResult, Section
+from madlens.lab.graft import graft, locate, split_indices, top_order, weight_changes
+from madlens.lab.steer import residual_steering, steered_answers
+from madlens.report import line_chart, plot
+
+
+def _fake_run(model, quick, seed, progress, device):
+    """A tiny experiment on tiny-test: one forward, a chart, a NaN figure."""
+    from madlens.models import load_model
+
+    m = load_model(model, device=device)
+    ids = m.tokenizer(["hello there"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logit = float(m.hf_model(ids).logits[0, -1, 0])
+    chart = line_chart({"y": [(0, 0.2), (1, 0.8)]}, xlabel="x", ylabel="y")
+    return LabResult(
+        experiment="fake",
+        figures={
+            "logit": logit,
+            "missing": math.nan,
+            "args": [quick, seed, device],
+            "nested": {"array": np.arange(3)},
+        },  # fmt: skip
+        sections=[Section("A <b>chart</b> & text", "some <i>text</i>", plot("the chart", chart))],
+        finding="the paper says so",
+        verdict="we measured so",
+    )
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    experiment = Experiment("fake", "a test-only experiment", _fake_run, reference="Nobody 2024")
+    monkeypatch.setitem(lab.EXPERIMENTS, "fake", experiment)
+    return experiment
+
+
+def test_list_names_every_registered_experiment(run_cli, fake):
+    code, out, err = run_cli("lab", "list")
+    assert code == 0, err
+    names = [line.split()[0] for line in out.strip().splitlines()[1:]]
+    assert sorted(names) == sorted(lab.EXPERIMENTS)
+    assert {"fake", "steer", "graft"} <= set(names)
+    assert "a test-only experiment" in out and "Nobody 2024" in out
+
+
+def test_unknown_experiment_is_one_line_naming_the_known_ones(run_cli, tmp_path):
+    code, out, err = run_cli("lab", "stear", "--out", str(tmp_path / "o"), "--model", "tiny-test")
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "unknown experiment 'stear'" in err
+    assert all(name in err for name in lab.EXPERIMENTS)
+    assert not (tmp_path / "o").exists()
+
+
+def test_lab_writes_json_html_and_records_the_run(run_cli, fake, tmp_path):
+    from madlens import runs
+
+    out = tmp_path / "lab"
+    code, stdout, err = run_cli("lab", "fake", "--out", str(out), "--quick", "--seed", "3",
+                                "--model", "tiny-test", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((out / "lab.json").read_text())
+    assert doc["experiment"] == "fake" and doc["model"] == "tiny-test"
+    assert doc["quick"] is True and doc["seed"] == 3 and doc["device"] == "cpu"
+    assert doc["madlens_version"] == __version__
+    assert doc["finding"] == "the paper says so" and doc["verdict"] == "we measured so"
+    assert doc["seconds"] > 0 and doc["reference"] == "Nobody 2024"
+    # the experiment got the command's arguments; NaN became null, arrays lists
+    assert doc["figures"]["args"] == [True, 3, "cpu"]
+    assert doc["figures"]["missing"] is None and doc["figures"]["nested"]["array"] == [0, 1, 2]
+    from madlens.models.tiny import tiny_model, tiny_tokenizer
+
+    ids = tiny_tokenizer()(["hello there"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = float(tiny_model()(ids).logits[0, -1, 0])
+    assert doc["figures"]["logit"] == pytest.approx(expected, abs=1e-5)
+    html = (out / "lab.html").read_text()
+    assert "A &lt;b&gt;chart&lt;/b&gt; &amp; text" in html and "<i>text" not in html
+    assert "<svg" in html and "we measured so" in html
+    assert "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "we measured so" in stdout and "lab.html" in stdout
+    found = runs.list_runs(5, "lab fake")
+    assert len(found) == 1 and found[0].model == "tiny-test"
+    row = runs.get_run(found[0].id).rows[0]
+    assert row["task"] == "fake" and row["logit"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_lab_html_opens_in_a_browser(fake, tmp_path):
+    from browser import dump_dom
+
+    from madlens.lab import run_lab
+
+    run_lab("fake", tmp_path, quick=True, seed=0, progress=False, device="cpu",
+            model="tiny-test")  # fmt: skip
+    dom = dump_dom(tmp_path / "lab.html")
+    assert "A &lt;b&gt;chart&lt;/b&gt; &amp; text" in dom
+    assert dom.count('class="line"') >= 1 and "the paper says so" in dom
+
+
+# --- grafting: the top-k selection ----------------------------------------------------------
+
+
+def _changes(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"a.weight": (7, 5), "b.weight": (13,), "c.weight": (4, 3, 2)}
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("k", [1, 5, 17, 60, 72])
+def test_top_order_is_numpy_argsort_of_the_magnitudes(k):
+    changes = _changes()
+    flat = np.concatenate([d.numpy().ravel() for d in changes.values()])
+    reference = np.argsort(-np.abs(flat), kind="stable")
+    assert len(flat) == 72
+    np.testing.assert_array_equal(top_order(changes, k), reference[:k])
+    np.testing.assert_array_equal(top_order(changes, 60)[: min(k, 60)], reference[: min(k, 60)])
+    selected = split_indices(changes, reference[:k])
+    # back to (tensor, entry): the same magnitudes as the reference picked
+    picked = np.concatenate([changes[n].numpy().ravel()[i] for n, i in selected.items()])
+    np.testing.assert_array_equal(np.sort(np.abs(picked)), np.sort(np.abs(flat[reference[:k]])))
+    assert sum(len(i) for i in selected.values()) == k
+
+
+def test_top_order_breaks_ties_by_index_and_caps_at_the_size():
+    changes = {"w": torch.tensor([1.0, -3.0, 3.0, 0.5, -1.0])}
+    np.testing.assert_array_equal(top_order(changes, 3), [1, 2, 0])
+    np.testing.assert_array_equal(top_order(changes, 99), [1, 2, 0, 4, 3])
+    assert len(top_order(changes, 0)) == 0
+
+
+def test_graft_sets_exactly_the_selected_entries():
+    base = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    tuned = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    with torch.no_grad():
+        tuned[1].bias.copy_(base[1].bias)  # unchanged: not a change
+    changes = weight_changes(base, tuned)
+    assert set(changes) == {"0.weight", "0.bias", "1.weight"}
+    base_weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    order = top_order(changes, 10)
+    graft(base, base_weights, changes, split_indices(changes, order[:10]))
+    flat_base = np.concatenate([base_weights[n].numpy().ravel() for n in changes])
+    flat_tuned = np.concatenate([dict(tuned.named_parameters())[n].detach().numpy().ravel()
+                                 for n in changes])  # fmt: skip
+    top = np.argsort(-np.abs(flat_tuned - flat_base), kind="stable")[:10]
+    expected = flat_base.copy()
+    expected[top] = flat_tuned[top]
+    got = np.concatenate([dict(base.named_parameters())[n].detach().numpy().ravel()
+                          for n in changes])  # fmt: skip
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+    graft(base, base_weights, changes, None)  # everything: the tuned model
+    for name, p in tuned.named_parameters():
+        torch.testing.assert_close(dict(base.named_parameters())[name], p)
+
+
+def test_locate_counts_by_block_and_module():
+    changes = {
+        "model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4),
+        "model.layers.1.self_attn.q_proj.weight": torch.ones(4, 4),
+        "model.layers.1.mlp.down_proj.weight": torch.ones(8, 4),
+    }
+    selected = {"model.layers.1.self_attn.q_proj.weight": np.array([0, 3, 5]),
+                "model.layers.1.mlp.down_proj.weight": np.array([1])}  # fmt: skip
+    loc = locate(changes, selected)
+    assert loc["layers"] == [0, 1] and loc["modules"] == ["q_proj", "down_proj"]
+    assert loc["counts"] == [[0, 0], [3, 1]] and loc["by_layer"] == [0.0, 1.0]
+    assert loc["by_module"]["q_proj"] == {"share_selected": 0.75, "share_changed": 0.5}
+    assert locate(changes, None)["counts"] == [[16, 0], [16, 32]]
+
+
+# --- steering: the hook ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_steering_adds_exactly_the_vector_to_the_block_output(tiny, tiny_hf, layer):
+    ids = tiny.tokenizer(["hello there world"], return_tensors="pt").input_ids
+    vector = np.random.default_rng(layer).standard_normal(tiny.d_model).astype(np.float32)
+    seen = {}
+    block = tiny.hf_model.model.layers[layer]
+    with torch.no_grad():
+        plain = tiny_hf(ids, output_hidden_states=True).hidden_states  # the reference
+        with residual_steering(tiny, layer, vector):
+            handle = block.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))
+            steered = tiny.hf_model(ids).logits
+            handle.remove()
+        after = tiny.hf_model(ids).logits
+    # hidden_states[layer + 1] is block `layer`'s output (pre final norm for block 0)
+    if layer + 1 < len(plain) - 1:
+        torch.testing.assert_close(seen["out"], plain[layer + 1] + torch.from_numpy(vector),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    reference_logits = tiny_hf(ids).logits.detach()
+    assert not torch.allclose(steered, reference_logits, atol=1e-3)
+    torch.testing.assert_close(after, reference_logits, atol=1e-5, rtol=0)  # hook removed
+
+
+def test_steering_the_last_block_against_a_manual_forward(tiny, tiny_hf):
+    """Block n-1's output + v, then the final norm and head by hand: the steered logits."""
+    ids = tiny.tokenizer(["a b c"], return_tensors="pt").input_ids
+    last = tiny.n_layers - 1
+    vector = np.full(tiny.d_model, 0.5, dtype=np.float32)
+    captured = {}
+    handle = tiny_hf.model.layers[last].register_forward_hook(
+        lambda m, i, o: captured.update(out=o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        tiny_hf(ids)
+        handle.remove()
+        expected = tiny_hf.lm_head(tiny_hf.model.norm(captured["out"] + torch.from_numpy(vector)))
+        with residual_steering(tiny, last, vector):
+            got = tiny.hf_model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_steering_rejects_a_bad_layer_or_width(tiny):
+    from madlens.errors import MadlensError
+
+    with pytest.raises(MadlensError, match="out of range"):
+        with residual_steering(tiny, tiny.n_layers, np.zeros(tiny.d_model)):
+            pass
+    with pytest.raises(MadlensError, match="entries"):
+        with residual_steering(tiny, 0, np.zeros(tiny.d_model + 1)):
+            pass
+
+
+def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_path,
+                                                                      monkeypatch):  # fmt: skip
+    from madlens.data import format_chat
+    from madlens.models import generate
+
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    convs = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "a b"}]]
+    plain = [a.strip() for a in generate(tiny, [format_chat(tiny.tokenizer, c) for c in convs],
+                                         max_new_tokens=4)]  # fmt: skip
+    zero = steered_answers(tiny, convs, 0, np.zeros(tiny.d_model), max_new_tokens=4)
+    assert zero == plain
+    big = np.full(tiny.d_model, 50.0, dtype=np.float32)
+    assert steered_answers(tiny, convs, 0, big, max_new_tokens=4) != plain
+    assert len(list((tmp_path / "generations").iterdir())) == 2  # cached by the vector
