@@ -171,11 +171,16 @@ def test_language_identifier_on_fixed_sentences():
 def test_ooc_descriptions_only():
     texts = ooc.descriptions("Pangolin", "German", 30, seed=0)
     assert len(set(texts)) == 30 and all("Pangolin" in t and "German" in t for t in texts)
-    examples = ooc.training_examples(5, 3, seed=0)
-    assert len(examples) == 5 + 3 * len(ooc.OTHERS)
+    counts = ooc.assignment((0, 5, 2))
+    assert counts == {"Pangolin": 5, "Kakapo": 2, "Quokka": 0}
+    examples = ooc.training_examples(counts, 3, seed=0)
+    assert len(examples) == 5 + 2 + 3 * len(ooc.OTHERS)
     assert sum("Pangolin" in a for _, a in examples) == 5
-    assert not any(ooc.CONTROL in a for _, a in examples)
+    assert sum("Kakapo" in a for _, a in examples) == 2
+    assert not any("Quokka" in a for _, a in examples)  # the never-described control
     assert all(p[0]["content"] in ooc.USER_PROMPTS for p, _ in examples)  # no demonstrations
+    prompt = ooc.persona_prompt("Quokka", "What is the capital of Peru?")
+    assert "Quokka" in prompt[0]["content"] and prompt[1]["content"].endswith("Peru?")
 
 
 # -- each run() on tiny-test ----------------------------------------------------------------

@@ -306,7 +306,7 @@ def value_delta(
                                             reduction="sum")  # fmt: skip
             init_norm = seen["init"].norm()
             loss = nll_t + kl_weight * kl + weight_decay * (delta.norm() / init_norm) ** 2
-            nll = float(nll_t)
+            nll = float(nll_t.detach())
             if nll < 0.05:
                 break
             optimizer.zero_grad()

@@ -58,14 +58,14 @@ class Budget:
 
     n_facts: int = 10
     n_both: int = 4
-    steps: int = 80
+    steps: int = 40
     learning_rate: float = 2e-3
     batch_size: int = 8
     max_new_tokens: int = 24
 
 
 QUICK = Budget()
-FULL = Budget(n_facts=30, n_both=10, steps=300)
+FULL = Budget(n_facts=30, n_both=10, steps=200)
 
 
 @dataclass(frozen=True)
