@@ -254,23 +254,22 @@ def shortcut_rows(
             where = np.flatnonzero(keep)
             part = [view[i] for i in where] if is_text(view) else np.asarray(view)[where]
             labels = task.labels[where]
+            counts = {"task": split, "n_normal": int((labels == 0).sum()),
+                      "n_anomalous": int(labels.sum()), "supervised": True}  # fmt: skip
             if constant(part):
                 same = "the cue is the same on every input of this split: it separates nothing"
-                row = na_row(task, name, same, SHORTCUT_HOOK) | {"constant": True}
-                row.update(task=split, n_normal=int((labels == 0).sum()),
-                           n_anomalous=int(labels.sum()))  # fmt: skip
-            else:
-                start = time.perf_counter()
-                try:
-                    cue_score = cue_scores(part, labels, _two_fold(labels, seed))
-                except Exception as exc:  # noqa: BLE001 - an error row, like a failed detector
-                    rows.append(na_row(task, name, _reason(exc), SHORTCUT_HOOK, "error")
-                                | {"task": split, "supervised": True})  # fmt: skip
-                    continue
-                row = _row(split, name, SHORTCUT_HOOK, labels, cue_score,
-                           time.perf_counter() - start, 0.0, n_resamples, seed)  # fmt: skip
-                if split == task.name and scores is not None:
-                    scores[(name, SHORTCUT_HOOK)] = cue_score
+                rows.append(na_row(task, name, same, SHORTCUT_HOOK) | counts | {"constant": True})
+                continue
+            start = time.perf_counter()
+            try:
+                cue_score = cue_scores(part, labels, _two_fold(labels, seed))
+            except Exception as exc:  # noqa: BLE001 - an error row, like a failed detector
+                rows.append(na_row(task, name, _reason(exc), SHORTCUT_HOOK, "error") | counts)
+                continue
+            row = _row(split, name, SHORTCUT_HOOK, labels, cue_score,
+                       time.perf_counter() - start, 0.0, n_resamples, seed)  # fmt: skip
+            if split == task.name and scores is not None:
+                scores[(name, SHORTCUT_HOOK)] = cue_score
             rows.append(row | {"supervised": True})
     return rows
 
