@@ -63,7 +63,8 @@ def run_bench(
         chosen: list[Task | str] = [load_task_file(task_file, model)]
         chosen += list(tasks or [])
     else:
-        chosen = list(tasks or TASKS)
+        # Without named tasks, --quick runs the tasks cheap enough for the quick demo.
+        chosen = list(tasks or [t for t, spec in TASKS.items() if spec.quick or not quick])
     for name in chosen:
         if isinstance(name, str) and name not in TASKS:
             raise MadlensError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")

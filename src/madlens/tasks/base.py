@@ -91,13 +91,16 @@ class Task:
 @dataclass(frozen=True)
 class TaskSpec:
     """A registered task: its builder `build(model, quick, seed, progress, check, device)
-    -> Task`, whether it fine-tunes a LoRA adapter, and the paper whose setup it follows."""
+    -> Task`, whether it fine-tunes a LoRA adapter, the paper whose setup it follows, and
+    whether a `--quick` run without named tasks includes it (`quick`: cheap enough for the
+    quick demo's cold-start budget; the others run in the full bench or when named)."""
 
     name: str
     description: str
     build: Callable[..., Task]
     needs_finetune: bool = False
     reference: str = ""
+    quick: bool = True
 
 
 def require(name: str, condition: bool, message: str, enforce: bool = True) -> None:
