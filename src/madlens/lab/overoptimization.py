@@ -400,21 +400,33 @@ def _table(proxies: dict[str, Any]) -> str:
 
 
 def verdict(proxies: dict[str, Any]) -> str:
-    """Where the measurement agrees with the paper's headline, in one or two sentences."""
+    """Where the measurement agrees with the paper's headline, in a few sentences."""
     falls = [s for s, r in proxies.items() if r["gold_falls"]]
-    rises = all(r["proxy"][-1] > r["proxy"][0] for r in proxies.values())
+    dips = [s for s, r in proxies.items() if not r["gold_falls"] and r["gold_drop"] > 0]
     first = (
         f"Gold falls after its peak (the drop's 95% CI excludes 0) for the proxies of "
         f"{', '.join(falls)} labels, as in the paper"
         if falls
         else "Gold does not measurably fall for any proxy over this range of n (unlike the paper)"
     )
+    if dips:
+        first += "; gold dips after its peak without significance for " + ", ".join(
+            f"{s} labels (peak at n = {proxies[s]['gold_peak_n']}, drop "
+            f"{proxies[s]['gold_drop']:.3f}, CI [{proxies[s]['gold_drop_ci'][0]:.3f}, "
+            f"{proxies[s]['gold_drop_ci'][1]:.3f}])"
+            for s in dips
+        )
+    rises = all(r["proxy"][-1] > r["proxy"][0] for r in proxies.values())
     second = (
         "the proxy reward keeps rising with d, as in the paper"
         if rises
         else "the proxy reward does not rise with d for every proxy"
     )
-    return f"{first}; {second}."
+    alphas = ", ".join(f"{r['fit_gold']['alpha']:.3f}" for r in proxies.values())
+    return (
+        f"{first}; {second}. Gold alpha by proxy labels ({', '.join(proxies)}): {alphas} "
+        "(the paper: larger proxies reach higher gold)."
+    )
 
 
 def measure(

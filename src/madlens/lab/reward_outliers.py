@@ -159,17 +159,21 @@ def _section(
 
 def verdict(proxies: dict[str, Any]) -> str:
     """Whether any label-free detector catches the outliers, in one or two sentences."""
-    parts = []
+    parts, top, recall = [], float("nan"), float("nan")
     for size, row in proxies.items():
         dets = {k: v for k, v in row["detectors"].items() if not k.startswith("proxy reward")}
         name, best = max(dets.items(), key=lambda kv: np.nan_to_num(kv[1]["auroc"], nan=-1))
         parts.append(f"{size} labels: {name} {best['auroc']:.2f}")
-    aurocs = [v["auroc"] for r in proxies.values() for k, v in r["detectors"].items()
-              if not k.startswith("proxy reward")]  # fmt: skip
-    top = max((a for a in aurocs if np.isfinite(a)), default=float("nan"))
-    caught = "catch them well" if top >= 0.8 else "only partly catch them" if top >= 0.65 else (
-        "do not catch them")  # fmt: skip
-    return f"Label-free activation detectors {caught} (best AUROC per proxy: {'; '.join(parts)})."
+        top = np.fmax(top, best["auroc"])
+        recall = np.fmax(recall, max(np.nan_to_num(v["tpr_at_1fpr"]) for v in dets.values()))
+    caught = (
+        "catch them" if top >= 0.8 else "catch them weakly at best" if top >= 0.65 else
+        "do not catch them"
+    )  # fmt: skip
+    return (
+        f"Label-free activation detectors {caught}: best AUROC per proxy {'; '.join(parts)}; "
+        f"recall at 1% FPR at most {recall:.2f}."
+    )
 
 
 def run(model: str, quick: bool, seed: int, progress: bool, device: str) -> LabResult:
