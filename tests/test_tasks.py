@@ -370,6 +370,12 @@ def test_jailbreak_roleplay_is_controlled_by_benign_roleplay(home):
     # none elsewhere: a framing's presence and text cannot separate that split.
     assert sorted(framing[benign]) == sorted(framing[attack])
     assert all(framing[benign | attack]) and not any(framing[~(benign | attack)])
+    # The request alone: the same harmful requests in every group but the control, whose
+    # requests are their benign counterparts (so the harm separates the role-play split).
+    request = np.array(task.shortcuts["request"], dtype=object)
+    for group in ("natural", "gcg", "random", "roleplay"):
+        assert list(request[groups == group]) == list(request[groups == "natural"])
+    assert set(request[benign]) <= set(BENIGN_REQUESTS)
     # Each framed prompt is its framing around a request: a harmful test request (attack) or
     # the benign counterpart of one (control).
     natural = [x[-1]["content"] for x, g in zip(task.test, groups) if g == "natural"]
