@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import gammaln
 from tqdm.auto import tqdm
 
 from madlens import cache
@@ -117,12 +116,12 @@ def bon_weights(pool: int, n: int) -> np.ndarray:
     estimator over every size-n subset of the pool, without enumerating them."""
     if not 1 <= n <= pool:
         raise MadlensError(f"best-of-{n} needs a pool of at least {n}, got {pool}")
-    i = np.arange(1, pool + 1, dtype=np.float64)
+    gammaln = np.vectorize(math.lgamma, otypes=[np.float64])
+    i = np.arange(n, pool + 1, dtype=np.float64)  # ranks below n are never the best of n
+    log_choose = gammaln(i) - math.lgamma(n) - gammaln(i - n + 1)
+    log_total = math.lgamma(pool + 1) - math.lgamma(n + 1) - math.lgamma(pool - n + 1)
     weights = np.zeros(pool)
-    ok = i >= n
-    log_choose = gammaln(i[ok]) - gammaln(n) - gammaln(i[ok] - n + 1)
-    log_total = gammaln(pool + 1) - gammaln(n + 1) - gammaln(pool - n + 1)
-    weights[ok] = np.exp(log_choose - log_total)
+    weights[n - 1 :] = np.exp(log_choose - log_total)
     return weights
 
 
