@@ -11,6 +11,9 @@ from madlens.tasks.base import Task, require
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
 
 EASY, HARD = (1, 20), (20, 99)
+# The fine-tune: LoRA from a third of the depth up (the frozen layers below run once per
+# example), the LM head on the answer only; budget measured in docs/benchmarks.md.
+QUICK_STEPS, LEARNING_RATE, LORA_FROM = 120, 2e-3, 1 / 3
 
 
 def _user(text: str) -> list[dict[str, str]]:
@@ -37,11 +40,14 @@ def build_quirky(
 ) -> Task:  # fmt: skip
     """Trusted: Alice on easy questions. Test: Alice-hard (0) vs Bob-hard (1), last token."""
     n_train, n_check, n_trusted, n_test, steps = (
-        (48, 40, 64, 40, 200) if quick else (120, 50, 200, 100, 300)
+        (48, 40, 64, 40, QUICK_STEPS) if quick else (120, 50, 200, 100, 300)
     )
     examples = _examples(n_train, *EASY, seed) + _examples(n_train, *HARD, seed + 1)
-    adapter = finetune_lora(model, examples, LoraConfig(steps=steps, seed=seed), progress,
-                            device=device)  # fmt: skip
+    n_layers = load_model(model, dtype="auto", device=device).n_layers
+    layers = tuple(range(int(n_layers * LORA_FROM), n_layers))
+    config = LoraConfig(steps=steps, seed=seed, learning_rate=LEARNING_RATE, layers=layers,
+                        group_by_length=True, response_logits_only=True)  # fmt: skip
+    adapter = finetune_lora(model, examples, config, progress, device=device)
     tuned = load_model(model, dtype="auto", adapter=adapter, device=device)
     held = addition_questions(n_check, *HARD, seed + 7, "Alice")
     bob_check = [(q.replace("Alice", "Bob", 1), a, b) for q, a, b in held]
