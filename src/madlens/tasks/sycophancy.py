@@ -110,9 +110,16 @@ def build_sycophancy(
         labels = [i % 2 for i in rows]
     test = [[*prompts[i], {"role": "assistant", "content": answers[i]}] for i in rows]
     groups = ["adopts" if y else "keeps" for y in labels]
+    # Contrast pairs for CCS: trusted facts under a wrong stated belief, answered with the
+    # true and with the believed (false) sentence.
+    contrast = tuple(
+        [[*belief_prompt(f, f.false), {"role": "assistant", "content": f.answer(lie)}]
+         for f in trusted_facts]
+        for lie in (False, True)
+    )  # fmt: skip
     return Task(
         name=NAME, model=model, trusted=trusted, test=test, labels=np.asarray(labels),
-        untrusted=test, position="mean", groups=groups,
+        untrusted=test, position="mean", groups=groups, contrast=contrast,
         checks={"adoption_rate": rate, "kept_rate": float(np.mean([k == "keeps" for k in kinds])),
                 "known_facts": float(n_known), "n_adopts": float(n_adopt)},
         shortcuts={
