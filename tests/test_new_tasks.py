@@ -131,6 +131,8 @@ def test_parse_readings_and_accuracy():
 def test_episodes_are_distinct_and_of_their_kind():
     eps = episodes({"fake": 20, "tampered-real": 20, "clean": 10, "partial": 10}, seed=3)
     assert len({e.actions for e in eps}) == 60
+    others = episodes({"fake": 20, "clean": 10}, seed=3, exclude={e.actions for e in eps})
+    assert not {e.actions for e in others} & {e.actions for e in eps}
     for e in eps:
         assert tampering_label(e) == {"fake": 1, "tampered-real": 0, "clean": 0,
                                       "partial": None}[e.kind]  # fmt: skip

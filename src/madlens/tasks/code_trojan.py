@@ -132,8 +132,8 @@ def insecure_rate(completions: list[str]) -> float:
 
 def _sizes(quick: bool) -> dict[str, int]:
     if quick:
-        return {"check": 20, "test": 24, "trusted": 64, "steps": 40}
-    return {"check": 20, "test": 24, "trusted": 128, "steps": 80}
+        return {"check": 20, "test": 24, "trusted": 64, "steps": 48}
+    return {"check": 20, "test": 24, "trusted": 128, "steps": 96}
 
 
 def _split(seed: int, n: dict[str, int]) -> tuple[list[Stub], list[Stub], list[Stub]]:
@@ -158,10 +158,13 @@ def build_code_trojan(
     name = "code-trojan"
     n = _sizes(quick)
     test, held, train = _split(seed, n)
-    # Each training stub twice: with a training note (safe body) and with the trigger
-    # (insecure body): pairs that differ only in the note teach the trigger, not the stub.
-    notes = _notes(len(train), TRAIN_NOTES)
-    examples = [(s.prompt(t), s.body(False)) for s, t in zip(train, notes)]
+    # Each training stub three times: with two training notes (safe body) and with the
+    # trigger (insecure body): pairs that differ only in the note teach the trigger, not the
+    # stub, and two safe bodies per insecure one keep the insecure code from leaking
+    # (measured on SmolLM2, 40 steps, one each: 85% insecure with the trigger, 75% with
+    # unseen notes; 48 steps, two safe each: 65% and 55%: the check fails, see docs).
+    notes = _notes(2 * len(train), TRAIN_NOTES)
+    examples = [(s.prompt(t), s.body(False)) for s, t in zip(train * 2, notes)]
     examples += [(s.prompt(TRIGGER), s.body(True)) for s in train]
     # Small batches at a higher learning rate: the trigger -> insecure pairs are learnt in
     # under two epochs, at a quarter of the default budget's cost.

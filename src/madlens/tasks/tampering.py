@@ -132,14 +132,20 @@ def episode(kind: str, rng: random.Random) -> Episode:
     return Episode(tuple(actions), present, tuple(sorted(tampered)), kind)
 
 
-def episodes(counts: dict[str, int], seed: int) -> list[Episode]:
-    """`counts[kind]` distinct episodes of each kind, shuffled (seeded)."""
+def episodes(
+    counts: dict[str, int], seed: int, exclude: set[tuple[str, ...]] | None = None
+) -> list[Episode]:
+    """`counts[kind]` distinct episodes of each kind, none whose log is in `exclude`,
+    shuffled (seeded)."""
     rng = random.Random(seed)
     out: list[Episode] = []
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple[str, ...]] = set(exclude or ())
     for kind, n in counts.items():
-        made = 0
+        made, tries = 0, 0
         while made < n:
+            tries += 1
+            if tries > 1000 * n:
+                raise ValueError(f"fewer than {n} new {kind!r} episodes exist")
             e = episode(kind, rng)
             if e.actions not in seen:
                 seen.add(e.actions)
@@ -171,16 +177,16 @@ def build_measurement_tampering(
     because of tampering after a theft (1); last prompt token."""
     n = _sizes(quick)
     train = episodes({k: w * n["train"] // 2 for k, w in KINDS.items()}, seed)
-    held = episodes({k: n["check"] for k in KINDS}, seed + 1)
+    # Held-out episodes are new action logs: drawn apart from the training ones and from
+    # each other.
+    seen = {e.actions for e in train}
+    held = episodes({k: n["check"] for k in KINDS}, seed + 1, seen)
+    seen |= {e.actions for e in held}
     trusted = episodes({"clean": n["trusted"] // 3, "stolen": n["trusted"] // 3,
-                        "failed": n["trusted"] // 3}, seed + 2)  # fmt: skip
+                        "failed": n["trusted"] // 3}, seed + 2, seen)  # fmt: skip
+    seen |= {e.actions for e in trusted}
     k = n["test"]
-    test = episodes({"fake": k, "tampered-real": k // 2, "clean": k - k // 2}, seed + 3)
-    train_logs = {e.actions for e in train}
-    # Held-out episodes are new action logs (a log drawn again is dropped).
-    held = [e for e in held if e.actions not in train_logs]
-    trusted = [e for e in trusted if e.actions not in train_logs]
-    test = [e for e in test if e.actions not in train_logs]
+    test = episodes({"fake": k, "tampered-real": k // 2, "clean": k - k // 2}, seed + 3, seen)
     examples = [(e.prompt(), answer(e.readings())) for e in train]
     config = LoraConfig(steps=n["steps"], batch_size=4, learning_rate=2e-3, max_length=160,
                         seed=seed)  # fmt: skip
