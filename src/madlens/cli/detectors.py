@@ -3,7 +3,12 @@
 import typer
 
 app = typer.Typer(help="The anomaly detectors.", no_args_is_help=True)
-CONTRAST = {"none": "", "generic": " + generic contrast pairs", "task": " + task contrast pairs"}
+CONTRAST = {
+    "none": "",
+    "generic": " + generic contrast pairs",
+    "refusal": " + harmful/harmless instructions",
+    "task": " + task contrast pairs",
+}
 
 
 def needs(cls: type) -> str:

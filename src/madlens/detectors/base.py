@@ -257,7 +257,9 @@ class Detector:
       input_kind      "activations" (hook activations), "outputs" (logits / token log-probs)
                       or "transcripts" (it queries the model about whole conversations)
       contrast_source "none"; "generic" (contrast pairs that name no task, e.g. the defection
-                      probe's yes/no questions); or "task" (the task's own pairs, e.g. CCS)
+                      probe's yes/no questions); "refusal" (project-written harmful and
+                      harmless instructions, the refusal direction's); or "task" (the
+                      task's own pairs, e.g. CCS)
       supervised      True when `fit` sees anomaly labels (`labels=`): such detectors are
                       cross-fitted and always shown apart from label-free ones
       uses_untrusted  True if `fit` needs the unlabeled untrusted batch (QUE, spectral)
