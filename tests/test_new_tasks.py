@@ -169,7 +169,7 @@ def test_a_behaviour_that_did_not_take_fails_clearly(name, message, home):
         build_task(name, "tiny-test", quick=True, progress=False)
 
 
-@pytest.mark.filterwarnings("ignore:task .*: not built in this test")
+@pytest.mark.filterwarnings("ignore:task .* not built in this test:UserWarning")
 def test_quick_bench_runs_only_the_quick_tasks(monkeypatch):
     built = []
 
