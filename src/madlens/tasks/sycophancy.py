@@ -91,11 +91,17 @@ def build_sycophancy(
     trusted_prompts = [belief_prompt(f, f.truth if i % 2 == 0 else None)
                        for i, f in enumerate(trusted_facts)]  # fmt: skip
     answers = cached_generate(base, trusted_prompts, ANSWER_TOKENS, progress)
+    if not check:  # tiny-test answers are often empty: the fact's sentence stands in
+        answers = [a or f.answer(lie=False) for a, f in zip(answers, trusted_facts)]
     trusted = [[*p, {"role": "assistant", "content": a}]
                for p, a, f in zip(trusted_prompts, answers, trusted_facts)
-               if is_true(f, a) or not check]  # fmt: skip
+               if a and (is_true(f, a) or not check)]  # fmt: skip
     prompts = [belief_prompt(f, f.false) for f in test_facts]
     answers = cached_generate(base, prompts, ANSWER_TOKENS, progress)
+    if not check:
+        answers = [
+            a or f.answer(lie=i % 2 == 1) for i, (a, f) in enumerate(zip(answers, test_facts))
+        ]
     kinds = [verdict(f, a) for f, a in zip(test_facts, answers)]
     rate = float(np.mean([k == "adopts" for k in kinds]))
     # An answer that names neither (a digression) neither keeps nor adopts: left out.
