@@ -59,6 +59,7 @@ TASKS: dict[str, TaskSpec] = {
             build_lying_transfer,
             needs_finetune=True,
             reference="Pacchiardi et al. 2023, How to Catch an AI Liar (transfer)",
+            quick=False,
         ),
         TaskSpec(
             "quirky",
