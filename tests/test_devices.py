@@ -235,7 +235,7 @@ def test_lora_fine_tune_on_a_device(home, device):
     config = LoraConfig(steps=2, batch_size=2)
     adapter = finetune_lora("tiny-test", examples, config, progress=False, device=device)
     _, _, fingerprint = load_hf("tiny-test", "float32", device=CPU)
-    unchanged = cache.key(base=fingerprint, config=config, data=examples)
+    unchanged = cache.key(base=fingerprint, config=config.key(), data=examples)
     assert (adapter.name == unchanged) == (device == CPU)
     on_cpu = finetune_lora("tiny-test", examples, config, progress=False, device=CPU)
     ours = load_file(str(adapter / "adapter_model.safetensors"))
