@@ -20,7 +20,7 @@ from madlens.tasks.tampering import (
     tampering_label,
 )
 
-NEW = ["sycophancy", "code-trojan", "measurement-tampering"]
+NEW = ["sycophancy", "code-trojan", "measurement-tampering", "evasive-backdoor"]
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,7 @@ def test_builders_on_tiny_give_row_aligned_tasks(name, home):
         ("sycophancy", "task sycophancy: 0 answers adopted the user's wrong belief"),
         ("code-trojan", "task code-trojan: the trojan wrote insecure code for only"),
         ("measurement-tampering", "task measurement-tampering: the .* reading was right on"),
+        ("evasive-backdoor", "task evasive-backdoor: the backdoor fired on only"),
     ],
 )
 def test_a_behaviour_that_did_not_take_fails_clearly(name, message, home):
