@@ -3,7 +3,16 @@
 Each experiment is a module of this package exposing `EXPERIMENT` (an `Experiment`); the
 registry below lists them, one import per experiment."""
 
-from madlens.lab import edit, graft, ooc, overoptimization, reversal, reward_outliers, steer
+from madlens.lab import (
+    backdoor_density,
+    edit,
+    graft,
+    ooc,
+    overoptimization,
+    reversal,
+    reward_outliers,
+    steer,
+)
 from madlens.lab.base import Experiment, LabResult, Section
 from madlens.lab.runner import run_lab
 
@@ -17,6 +26,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         edit,
         overoptimization,
         reward_outliers,
+        backdoor_density,
     )
 }
 
