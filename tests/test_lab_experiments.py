@@ -81,7 +81,8 @@ def test_answer_logprobs_match_a_plain_forward(tiny, tiny_hf):
     facts = reversal.make_facts(3, 0, seed=1)
     pairs = [reversal.forward_scoring(tok, facts[0], c) for c in facts]
     pairs += [reversal.reverse_scoring(tok, facts[1], c) for c in facts]
-    got = reversal.answer_logprobs(tiny.hf_model, tok, pairs, batch_size=4)
+    pairs.insert(2, reversal.reverse_scoring(tok, facts[2], facts[0]))  # prefixes interleaved
+    got = reversal.answer_logprobs(tiny.hf_model, tok, pairs, batch_size=2)  # split groups
     for (prefix, answer), value in zip(pairs, got):
         text_ids = tok(prefix + answer, add_special_tokens=False).input_ids
         n_prefix = len(tok(prefix, add_special_tokens=False).input_ids)
@@ -92,7 +93,7 @@ def test_answer_logprobs_match_a_plain_forward(tiny, tiny_hf):
         assert value == pytest.approx(want, abs=1e-3)
     assert pairs[0][0].startswith(format_chat(tok, reversal.forward_prompt(facts[0])))
     assert pairs[0][0].endswith(f"{facts[0].name} is") and pairs[0][1] == f" {facts[0].desc}"
-    assert pairs[3][1] == f" {facts[0].name}"
+    assert pairs[4][1] == f" {facts[0].name}"
 
 
 def test_rank_and_summary():

@@ -1,6 +1,7 @@
 """`reversal`: the reversal curse (Berglund et al. 2023). A LoRA fine-tune on invented facts
 "<name> is <description>" teaches name -> description but not description -> name."""
 
+import copy
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -159,31 +160,47 @@ def answer_logprobs(
 ) -> np.ndarray:
     """log p(answer | prefix), summed over the answer's tokens, for each (prefix, answer):
     the prefix and the answer are tokenized apart (no special tokens added) and joined, so
-    the answer's tokens are exactly its own; right-padded batches on the model's device."""
+    the answer's tokens are exactly its own. Each distinct prefix runs once; its key/value
+    cache is repeated over its answers, which run as right-padded batches on the model's
+    device (the candidates of one question share it: ~4x fewer tokens than whole rows)."""
     device = next(hf_model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    heads: dict[str, list[int]] = {}
+    tails, groups = [], {}
+    for i, (prefix, answer) in enumerate(pairs):
+        if prefix not in heads:
+            heads[prefix] = tokenizer(prefix, add_special_tokens=False).input_ids
+        tails.append(tokenizer(answer, add_special_tokens=False).input_ids)
+        if not heads[prefix] or not tails[-1]:
+            raise MadlensError("a prefix and an answer to score must both hold tokens")
+        groups.setdefault(prefix, []).append(i)
     out = np.zeros(len(pairs))
-    for start in range(0, len(pairs), batch_size):
-        rows = []
-        for prefix, answer in pairs[start : start + batch_size]:
-            head = tokenizer(prefix, add_special_tokens=False).input_ids
-            tail = tokenizer(answer, add_special_tokens=False).input_ids
-            if not head or not tail:
-                raise MadlensError("a prefix and an answer to score must both hold tokens")
-            rows.append((head, tail))
-        width = max(len(h) + len(t) for h, t in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (head, tail) in enumerate(rows):
-            ids[i, : len(head) + len(tail)] = torch.tensor(head + tail)
-            mask[i, : len(head) + len(tail)] = 1
+    for prefix, members in groups.items():
+        head = heads[prefix]
         with torch.inference_mode():
-            logits = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        for i, (head, tail) in enumerate(rows):
-            # the token at position p is predicted by the logits at p - 1
-            positions = torch.arange(len(head) - 1, len(head) + len(tail) - 1)
-            out[start + i] = float(logp[i, positions, torch.tensor(tail)].sum())
+            first = hf_model(input_ids=torch.tensor([head], device=device), use_cache=True)
+        first_logp = torch.log_softmax(first.logits[0, -1].float(), dim=-1).cpu()
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            width = max(len(tails[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), len(head) + width), dtype=torch.long)
+            mask[:, : len(head)] = 1
+            for row, i in enumerate(chunk):
+                ids[row, : len(tails[i])] = torch.tensor(tails[i])
+                mask[row, len(head) : len(head) + len(tails[i])] = 1
+            cache = copy.deepcopy(first.past_key_values)
+            cache.batch_repeat_interleave(len(chunk))
+            with torch.inference_mode():
+                logits = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  past_key_values=cache, use_cache=True).logits  # fmt: skip
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(chunk):
+                tail = torch.tensor(tails[i])
+                # answer token j is predicted by the prefix's last logits (j = 0) or by the
+                # logits at answer position j - 1
+                rest = logp[row, torch.arange(len(tail) - 1), tail[1:]].sum()
+                out[i] = float(first_logp[tail[0]] + rest)
     return out
 
 
