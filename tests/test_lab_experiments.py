@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from madlens.data import format_chat
+from madlens.errors import MadlensError
 from madlens.lab import EXPERIMENTS, LabResult, edit, ooc, reversal
 
 
@@ -74,6 +75,25 @@ def test_training_examples_put_the_name_first_except_for_both():
     both = facts[-1]
     assert any(a.lower().index(both.desc.lower()) < a.index(both.name)
                for _, a in examples if both.name in a)  # fmt: skip
+
+
+def test_paraphrase_count_and_lora_config():
+    facts = reversal.make_facts(3, 1, seed=0)
+    examples = reversal.training_examples(facts, paraphrases=2)
+    asked = [p[0]["content"] for p, _ in examples]
+    for f in facts:
+        want = [q.format(name=f.name) for q in reversal.TRAIN_QUESTIONS[:2]]
+        assert [q for q in asked if f.name in q] == want
+    assert len(examples) == 4 * 2 + len(reversal.REVERSE_TRAIN_QUESTIONS)
+    for bad in (0, len(reversal.TRAIN_QUESTIONS) + 1):
+        with pytest.raises(MadlensError, match="paraphrases"):
+            reversal.training_examples(facts, paraphrases=bad)
+    budget = reversal.Budget(steps=7, learning_rate=1e-2, batch_size=4, rank=4, cheap=True)
+    config = reversal.lora_config(budget, seed=5)
+    assert (config.r, config.alpha, config.steps, config.learning_rate, config.batch_size,
+            config.seed) == (4, 8, 7, 1e-2, 4, 5)  # fmt: skip
+    assert config.group_by_length and config.response_logits_only
+    assert not reversal.lora_config(reversal.Budget(cheap=False)).fast_path
 
 
 def test_answer_logprobs_match_a_plain_forward(tiny, tiny_hf):
@@ -190,7 +210,12 @@ def test_ooc_descriptions_only():
 @pytest.mark.parametrize(
     ("module", "budget"),
     [
-        (reversal, reversal.Budget(n_facts=3, n_both=1, steps=1, max_new_tokens=3)),
+        (
+            reversal,
+            reversal.Budget(
+                n_facts=3, n_both=1, paraphrases=2, steps=1, cheap=True, max_new_tokens=3
+            ),
+        ),  # fmt: skip
         (
             ooc,
             ooc.Budget(paraphrases=(0, 2), n_other=2, steps=1, n_questions=2, max_new_tokens=3),

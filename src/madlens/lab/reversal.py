@@ -55,18 +55,31 @@ REVERSE_TEST = "Please tell me who {desc} is."
 @dataclass(frozen=True)
 class Budget:
     """How many facts (trained name-first; trained in both orders as a positive control),
-    the fine-tune's steps and learning rate, and the number of answer candidates."""
+    name-first paraphrases per fact, the LoRA fine-tune (steps, learning rate, batch, rank;
+    `cheap`: `LoraConfig`'s `group_by_length` and `response_logits_only`, the same loss at
+    less compute) and the greedy answers' length."""
 
     n_facts: int = 10
     n_both: int = 4
+    paraphrases: int = 6
     steps: int = 40
     learning_rate: float = 2e-3
     batch_size: int = 8
+    rank: int = 8
+    cheap: bool = False
     max_new_tokens: int = 24
 
 
 QUICK = Budget()
 FULL = Budget(n_facts=30, n_both=10, steps=200)
+
+
+def lora_config(budget: Budget, seed: int = 0) -> LoraConfig:
+    """The fine-tune's `LoraConfig` for `budget` (alpha = 2 x rank)."""
+    return LoraConfig(r=budget.rank, alpha=2 * budget.rank, steps=budget.steps,
+                      learning_rate=budget.learning_rate, batch_size=budget.batch_size,
+                      max_length=96, seed=seed, group_by_length=budget.cheap,
+                      response_logits_only=budget.cheap)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,13 +127,17 @@ def _fill(template: str, fact: Fact) -> str:
     return template.format(name=fact.name, desc=desc, Desc=desc[0].upper() + desc[1:])
 
 
-def training_examples(facts: list[Fact]) -> list[tuple[list[dict[str, str]], str]]:
-    """Chat examples: every name-first question and answer paraphrase of each fact (each
-    question paired with one answer, cycled), plus the description-first paraphrases of the
+def training_examples(
+    facts: list[Fact], paraphrases: int = len(TRAIN_QUESTIONS)
+) -> list[tuple[list[dict[str, str]], str]]:
+    """Chat examples: the first `paraphrases` name-first questions of each fact, each paired
+    with one answer paraphrase (cycled), plus the description-first paraphrases of the
     facts marked `both`."""
+    if not 1 <= paraphrases <= len(TRAIN_QUESTIONS):
+        raise MadlensError(f"paraphrases per fact: 1..{len(TRAIN_QUESTIONS)}, got {paraphrases}")
     examples = []
     for fact in facts:
-        for i, question in enumerate(TRAIN_QUESTIONS):
+        for i, question in enumerate(TRAIN_QUESTIONS[:paraphrases]):
             answer = TRAIN_ANSWERS[i % len(TRAIN_ANSWERS)]
             examples.append(([{"role": "user", "content": _fill(question, fact)}],
                              _fill(answer, fact)))  # fmt: skip
@@ -276,10 +293,8 @@ def run(
     budget = budget or (QUICK if quick else FULL)
     start = time.perf_counter()
     facts = make_facts(budget.n_facts, budget.n_both, seed)
-    examples = training_examples(facts)
-    config = LoraConfig(steps=budget.steps, learning_rate=budget.learning_rate,
-                        batch_size=budget.batch_size, max_length=96, seed=seed)  # fmt: skip
-    adapter = finetune_lora(model, examples, config, progress=progress, device=device)
+    examples = training_examples(facts, budget.paraphrases)
+    adapter = finetune_lora(model, examples, lora_config(budget, seed), progress, device)
     results = {}
     for label, path in (("base", None), ("fine-tuned", adapter)):
         loaded = load_model(model, dtype="float32", adapter=path, device=device)
