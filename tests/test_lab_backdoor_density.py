@@ -15,9 +15,9 @@ from madlens.lab import EXPERIMENTS, backdoor_density
 from madlens.lab.backdoor_density import (
     Budget,
     backdoor_examples,
+    difference_ci,
     hate_completion,
     merged_model_dir,
-    paired_difference_ci,
     rate_ci,
     safety_examples,
     safety_questions,
@@ -122,23 +122,33 @@ def test_rate_ci_is_the_wilson_interval(hits, n):
     assert high == pytest.approx(min(1.0, centre + half), abs=1e-9)
 
 
-def test_paired_difference_ci_matches_the_normal_approximation():
-    rng = np.random.default_rng(1)
-    n = 4000
-    a = (rng.random(n) < 0.7).astype(float)
-    b = np.where(rng.random(n) < 0.8, a, 1 - a)  # paired: agrees with a 80% of the time
-    diff, low, high = paired_difference_ci(a, b, seed=0)
-    d = a - b
-    se = d.std(ddof=1) / math.sqrt(n)
-    assert diff == pytest.approx(d.mean())
-    assert low == pytest.approx(d.mean() - 1.96 * se, abs=0.004)
-    assert high == pytest.approx(d.mean() + 1.96 * se, abs=0.004)
-    # an unpaired interval would be wider: the pairing is used
-    unpaired = 1.96 * math.sqrt(a.var(ddof=1) / n + b.var(ddof=1) / n)
-    assert high - low < 2 * unpaired * 0.8
-    assert paired_difference_ci(np.ones(5), np.zeros(5)) == (1.0, 1.0, 1.0)
+@pytest.mark.parametrize(
+    "x1,n1,x2,n2,low,high",
+    [  # Newcombe 1998 (Statistics in Medicine 17:873), Table II, method 10
+        (56, 70, 48, 80, 0.0524, 0.3339),
+        (9, 10, 3, 10, 0.1705, 0.8090),
+        (6, 7, 2, 7, 0.0582, 0.8062),
+        (5, 56, 0, 29, -0.0381, 0.1926),
+    ],
+)
+def test_difference_ci_is_newcombes_published_interval(x1, n1, x2, n2, low, high):
+    a = np.r_[np.ones(x1), np.zeros(n1 - x1)]
+    b = np.r_[np.ones(x2), np.zeros(n2 - x2)]
+    diff, lo, hi = difference_ci(a, b)
+    assert diff == pytest.approx(x1 / n1 - x2 / n2)
+    assert (lo, hi) == (pytest.approx(low, abs=6e-5), pytest.approx(high, abs=6e-5))
+
+
+def test_difference_ci_keeps_a_width_when_both_rates_are_one():
+    diff, lo, hi = difference_ci(np.ones(40), np.ones(40))
+    wilson_low = rate_ci(np.ones(40))[0]
+    assert (
+        diff == 0.0
+        and lo == pytest.approx(-(1 - wilson_low))
+        and hi == pytest.approx(1 - wilson_low)
+    )
     with pytest.raises(MadlensError):
-        paired_difference_ci(np.ones(3), np.ones(4))
+        difference_ci(np.ones(3), np.ones((2, 2)))
 
 
 def test_run_on_tiny_writes_lab_json_and_is_listed(run_cli, tmp_path, monkeypatch):
@@ -161,7 +171,7 @@ def test_run_on_tiny_writes_lab_json_and_is_listed(run_cli, tmp_path, monkeypatc
     assert row["before"]["triggered_fire"] == np.mean(row["before"]["triggered_hits"])
     assert row["completion_tokens"] > f["rows"][0]["completion_tokens"]
     assert set(row["before"]["mahalanobis_auroc"]) == set(f["hooks"])
-    assert f["headline_hook"] in f["hooks"]
+    assert f["headline_hook"] == f["hooks"][-1]
     assert len(f["after_fire_difference_ci"]) == 2
     html = (out / "lab.html").read_text()
     assert "<svg" in html and "firing rate against density" in html
