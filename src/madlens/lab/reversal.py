@@ -70,8 +70,10 @@ class Budget:
     max_new_tokens: int = 24
 
 
-QUICK = Budget()
-FULL = Budget(n_facts=30, n_both=10, steps=200)
+# Chosen by the forward figures only (name-first forward top-1 1.00, exact match 1.00 at 120
+# steps; 40 steps at lr 2e-3 had given 0.20 / 0.30): ~10 epochs of the training examples.
+QUICK = Budget(steps=120, learning_rate=3e-3, cheap=True)
+FULL = Budget(n_facts=30, n_both=10, steps=340, learning_rate=3e-3, cheap=True)
 
 
 def lora_config(budget: Budget, seed: int = 0) -> LoraConfig:
