@@ -109,6 +109,16 @@ def test_merged_dir_equals_the_base_with_the_adapter_merged(base):
     assert not torch.allclose(want, plain, atol=1e-4)  # the adapter did change the model
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert merged_model_dir("tiny-test", adapter, tuned.fingerprint) == merged  # cached
+    # the config names the merge: a dir fingerprint (config + first/last MiB of the weights)
+    # of two merges that differ only in middle blocks would otherwise be the same
+    assert json.loads((merged / "config.json").read_text())["madlens_merged"] == tuned.fingerprint
+    other = finetune_lora("tiny-test", examples, LoraConfig(steps=2, learning_rate=5e-2),
+                          progress=False, device="cpu")  # fmt: skip
+    second = merged_model_dir(
+        "tiny-test", other, load_model("tiny-test", adapter=other).fingerprint
+    )
+    assert second != merged
+    assert load_model(str(second)).fingerprint != reloaded.fingerprint
 
 
 @pytest.mark.parametrize("hits,n", [(0, 10), (3, 10), (10, 10), (17, 40)])

@@ -109,10 +109,14 @@ def merged_model_dir(model: str, adapter: str | Path, fingerprint: str) -> Path:
     def build(tmp: Path) -> None:
         hf, tokenizer, _ = load_hf(model, "float32", device="cpu")
         merged = PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload()
+        # A model dir's fingerprint reads its config and only the first and last MiB of each
+        # weight file, which a LoRA on the middle blocks leaves alone: the config names the
+        # merge, so that two merges never share a fingerprint (nor fine-tune caches).
+        merged.config.madlens_merged = fingerprint
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
-    return cache.load_or_build_dir(cache.folder("models") / f"merged-{fingerprint}", build)
+    return cache.load_or_build_dir(cache.folder("models") / f"lora-merged-{fingerprint}", build)
 
 
 def fired(answers: list[str]) -> np.ndarray:
