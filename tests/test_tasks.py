@@ -163,32 +163,91 @@ def test_lying_hides_the_instruction_and_labels_what_the_model_did(name, home):
     assert lying.claimed(lying.conversation(facts("cities")[0], "", "It is in Oman.")) == "it oman"
     assert task.shortcuts["claimed-value"] == [lying.claimed(c) for c in task.test]
     # Blocks of (honest, told to lie) answers to the same facts: the instruction each half was
-    # generated under, checked by generating again, uncached, under it.
+    # generated under, checked by generating again, uncached, under it, sampling as the
+    # builder does (every answer at `TEMPERATURE` from the build's seed).
     blocks = {"lying": [("", lying.TRAIN_LIE_PROMPTS)],
               "lying-transfer": [("-unseen-instruction", lying.LIE_PROMPTS[3:]),
                                  ("-unseen-domain", lying.TRAIN_LIE_PROMPTS)]}[name]  # fmt: skip
     model = load_model("tiny-test", adapter=task.adapter)
+    liar = lying._liar("tiny-test", True, 0, False, False, "auto", name)  # cached
+    asked = {
+        "": liar.test,
+        "-unseen-instruction": lying.distinct_answers(liar.held),
+        "-unseen-domain": lying.unseen_domain(liar.base, 0, False)[0][: len(liar.test)],
+    }
     rows = list(zip(task.test, task.labels, task.groups))
     for tag, lie_prompts in blocks:
         block = [r for r in rows if r[2].endswith(tag)]
-        honest, told = block[: len(block) // 2], block[len(block) // 2 :]
-        items = [by_question[c[1]["content"]] for c, _, _ in honest]
-        assert [c[1]["content"] for c, _, _ in told] == [f.question for f in items]
-        answers = []
+        honest = block[: len(block) // 2]
+        items = asked[tag]  # the facts asked, before those with an empty answer are left out
+        if not tag.endswith("domain"):  # one fact per true answer (continents has six)
+            assert len({f.truth.lower() for f in items}) == len(items) > 0
+        pairs = []
         for systems in ([lying.HONEST_PROMPT], lie_prompts):  # one batch each, as the builder
             convs = [conversation(f, systems[i % len(systems)]) for i, f in enumerate(items)]
             prompts = [format_chat(model.tokenizer, c) for c in convs]
-            answers += [a.strip() for a in generate(model, prompts, 24, progress=False)]
+            pairs.append([a.strip() for a in generate(model, prompts, 24, do_sample=True,
+                          temperature=lying.TEMPERATURE, seed=0, progress=False)])  # fmt: skip
+        # Facts with an empty answer on either side are left out, both sides.
+        kept = [i for i, (a, b) in enumerate(zip(*pairs)) if a and b]
+        items = [items[i] for i in kept]
+        answers = [pairs[0][i] for i in kept] + [pairs[1][i] for i in kept]
+        assert [c[1]["content"] for c, _, _ in block] == [f.question for f in items] * 2
         assert [c[2]["content"] for c, _, _ in block] == answers
         # A lie is a false answer given when told to lie.
         for i, (_, label, _) in enumerate(block):
             told_to_lie = i >= len(honest)
             assert label == int(told_to_lie and not is_true(items[i % len(items)], answers[i]))
+    trusted_facts = [by_question[c[1]["content"]] for c in task.trusted]
+    assert len({f.truth.lower() for f in trusted_facts}) == len(trusted_facts)
     # Contrast pairs: the same question answered with the true and with a false fact.
     for pos, neg in zip(*task.contrast):
         fact = by_question[pos[1]["content"]]
         assert pos[:2] == neg[:2]
         assert is_true(fact, pos[2]["content"]) and not is_true(fact, neg[2]["content"])
+
+
+def test_cached_generate_samples_with_a_key_only_when_asked(home):
+    from madlens import cache
+    from madlens.data import format_chat
+    from madlens.models import load_model
+
+    model = load_model("tiny-test")
+    convs = [[{"role": "user", "content": q}] for q in ("Hi?", "Name a city.", "2 + 2?")]
+    folder = cache.folder("generations")
+
+    def generate(**sampling):
+        before = set(folder.glob("*.json"))
+        answers = finetune.cached_generate(model, convs, 6, False, **sampling)
+        return answers, {p.stem for p in set(folder.glob("*.json")) - before}
+
+    greedy, new = generate()
+    # Greedy answers keep the key they had before sampling existed (other tasks' caches).
+    old_key = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=convs,
+                        max_new_tokens=6)  # fmt: skip
+    assert new <= {old_key} and (folder / f"{old_key}.json").exists()
+    assert generate(temperature=None, seed=7) == (greedy, set())  # the seed alone: greedy
+    sampled, new = generate(temperature=1.0, seed=3)
+    assert len(new) == 1 and new != {old_key}
+    assert generate(temperature=1, seed=3) == (sampled, set())  # reproducible, cached
+    other_seed, new = generate(temperature=1.0, seed=4)
+    assert len(new) == 1 and other_seed != sampled
+    assert generate(temperature=0.7, seed=3)[1]  # the temperature is part of the key
+    # Against plain Hugging Face sampling from the same seed over the whole distribution
+    # (top-k and top-p off), one left-padded batch.
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    batch = tokenizer([format_chat(tokenizer, c) for c in convs], return_tensors="pt",
+                      padding=True)  # fmt: skip
+    torch.manual_seed(3)
+    tokens = model.hf_model.generate(**batch, max_new_tokens=6, do_sample=True, temperature=1.0,
+                                     top_k=0, top_p=1.0,
+                                     pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+    reference = [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    assert sampled == reference and sampled != greedy
+    with pytest.raises(MadlensError, match="temperature must be > 0"):
+        finetune.cached_generate(model, convs, 6, False, temperature=0.0)
 
 
 def test_fact_domains():

@@ -1,5 +1,5 @@
 """LoRA fine-tuning (peft) of a base model on chat examples, cached by a hash of the base
-weights, the config and the data; plus cached greedy generation for self-distillation."""
+weights, the config and the data; plus cached greedy (or sampled) generation."""
 
 import json
 import random
@@ -366,16 +366,29 @@ def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def cached_generate(
-    model: Any, conversations: list[list[Message]], max_new_tokens: int = 32, progress: bool = True
+    model: Any,
+    conversations: list[list[Message]],
+    max_new_tokens: int = 32,
+    progress: bool = True,
+    temperature: float | None = None,
+    seed: int = 0,
 ) -> list[str]:
-    """Greedy answers to `conversations` (on the model's device), cached by model
-    fingerprint, dtype, device type (off the CPU), prompts and length."""
+    """Answers to `conversations` (on the model's device), cached by model fingerprint,
+    dtype, device type (off the CPU), prompts and length: greedy, or, when `temperature` is
+    given, sampled at that temperature from `seed` (`madlens.models.generate`: the whole
+    distribution, no top-k / top-p). Temperature and seed enter the cache key only when
+    sampling, so greedy answers keep their keys."""
+    sampling = {} if temperature is None else {"temperature": float(temperature), "seed": seed}
+    if temperature is not None and not temperature > 0:
+        raise MadlensError(f"sampling temperature must be > 0, got {temperature}")
     name = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=conversations,
-                     max_new_tokens=max_new_tokens, **device_key(model.device))  # fmt: skip
+                     max_new_tokens=max_new_tokens, **device_key(model.device),
+                     **sampling)  # fmt: skip
 
     def answer() -> list[str]:
         prompts = [format_chat(model.tokenizer, conv) for conv in conversations]
-        answers = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress)
+        answers = generate(model, prompts, max_new_tokens=max_new_tokens, progress=progress,
+                           do_sample=temperature is not None, **sampling)  # fmt: skip
         return [a.strip() for a in answers]
 
     return cache.load_or_compute(cache.folder("generations") / f"{name}.json", answer)
