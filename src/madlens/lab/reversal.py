@@ -2,6 +2,7 @@
 "<name> is <description>" teaches name -> description but not description -> name."""
 
 import copy
+import inspect
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -193,6 +194,9 @@ def answer_logprobs(
         if not heads[prefix] or not tails[-1]:
             raise MadlensError("a prefix and an answer to score must both hold tokens")
         groups.setdefault(prefix, []).append(i)
+    # transformers 5 names the key/value cache `cache` (`past_key_values` before)
+    params = inspect.signature(hf_model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
     out = np.zeros(len(pairs))
     for prefix, members in groups.items():
         head = heads[prefix]
@@ -208,11 +212,12 @@ def answer_logprobs(
             for row, i in enumerate(chunk):
                 ids[row, : len(tails[i])] = torch.tensor(tails[i])
                 mask[row, len(head) : len(head) + len(tails[i])] = 1
-            cache = copy.deepcopy(first.past_key_values)
+            held = getattr(first, "cache", None)
+            cache = copy.deepcopy(first.past_key_values if held is None else held)
             cache.batch_repeat_interleave(len(chunk))
             with torch.inference_mode():
                 logits = hf_model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                  past_key_values=cache, use_cache=True).logits  # fmt: skip
+                                  use_cache=True, **{cache_kw: cache}).logits  # fmt: skip
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             for row, i in enumerate(chunk):
                 tail = torch.tensor(tails[i])
