@@ -120,12 +120,17 @@ def test_rank_and_summary():
     assert reversal.rank_of_right(np.array([-1.0, -3.0, -0.5]), 0) == 2
     assert reversal.rank_of_right(np.array([-1.0, -1.0, -2.0]), 1) == 1  # ties count for it
     rows = [{"both": False, "forward_exact": True, "reverse_exact": False, "forward_rank": 1,
-             "reverse_rank": 3, "forward_margin": 2.0, "reverse_margin": -1.0},
+             "reverse_rank": 3, "forward_margin": 2.0, "reverse_margin": -1.0,
+             "forward_rank_group": 1, "reverse_rank_group": 1},
             {"both": False, "forward_exact": False, "reverse_exact": False, "forward_rank": 2,
-             "reverse_rank": 1, "forward_margin": 0.0, "reverse_margin": 1.0}]  # fmt: skip
+             "reverse_rank": 1, "forward_margin": 0.0, "reverse_margin": 1.0,
+             "forward_rank_group": 2, "reverse_rank_group": 2}]  # fmt: skip
     s = reversal.summarise(rows, k=4)
     assert s["chance_top1"] == 0.25 and s["chance_rank"] == 2.5
     assert s["name_first"]["forward_top1"] == 0.5 and s["name_first"]["reverse_mean_rank"] == 2
+    assert s["name_first"]["reverse_top1_group"] == 0.5
+    assert s["name_first"]["reverse_mean_rank_group"] == 1.5
+    assert s["name_first"]["chance_top1_group"] == 0.5
     assert s["name_first"]["exact_gap"] == 0.5 and "both" not in s
 
 

@@ -253,12 +253,17 @@ def evaluate(
         fwd = answer_logprobs(model.hf_model, tok, [forward_scoring(tok, fact, c) for c in facts])
         rev = answer_logprobs(model.hf_model, tok, [reverse_scoring(tok, fact, c) for c in facts])
         others = np.arange(len(facts)) != i
+        # within its group only: the other group's answers were trained after the other cue
+        same = np.array([c.both == fact.both for c in facts])
+        at = int(same[:i].sum())
         rows.append({
             "name": fact.name, "desc": fact.desc, "both": fact.both,
             "forward_answer": forward[i], "reverse_answer": reverse[i],
             "forward_exact": _exact([forward[i]], [fact.title])[0],
             "reverse_exact": _exact([reverse[i]], [fact.name])[0],
             "forward_rank": rank_of_right(fwd, i), "reverse_rank": rank_of_right(rev, i),
+            "forward_rank_group": rank_of_right(fwd[same], at),
+            "reverse_rank_group": rank_of_right(rev[same], at),
             "forward_margin": float(fwd[i] - fwd[others].mean()),
             "reverse_margin": float(rev[i] - rev[others].mean()),
         })  # fmt: skip
@@ -268,7 +273,8 @@ def evaluate(
 def summarise(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
     """Per group (name-first facts, facts trained in both orders): exact-match rates,
     top-1 accuracy and mean rank among `k` candidates, the mean log-prob margin of the
-    right answer over the distractors; chance is 1/k and (k+1)/2."""
+    right answer over the distractors; chance is 1/k and (k+1)/2. `*_group`: the same among
+    the group's own answers only (chance 1/n, n the group's size)."""
     out: dict[str, Any] = {"k": k, "chance_top1": 1 / k, "chance_rank": (k + 1) / 2}
     for group, keep in (("name_first", False), ("both", True)):
         sel = [r for r in rows if r["both"] == keep]
@@ -280,6 +286,10 @@ def summarise(rows: list[dict[str, Any]], k: int) -> dict[str, Any]:
             stats[f"{d}_top1"] = float(np.mean([r[f"{d}_rank"] == 1 for r in sel]))
             stats[f"{d}_mean_rank"] = float(np.mean([r[f"{d}_rank"] for r in sel]))
             stats[f"{d}_margin"] = float(np.mean([r[f"{d}_margin"] for r in sel]))
+            ranks = [r[f"{d}_rank_group"] for r in sel]
+            stats[f"{d}_top1_group"] = float(np.mean([r == 1 for r in ranks]))
+            stats[f"{d}_mean_rank_group"] = float(np.mean(ranks))
+        stats["chance_top1_group"] = 1 / len(sel)
         stats["top1_gap"] = stats["forward_top1"] - stats["reverse_top1"]
         stats["exact_gap"] = stats["forward_exact"] - stats["reverse_exact"]
         stats["n"] = len(sel)
@@ -330,7 +340,11 @@ def _verdict(figures: dict[str, Any]) -> str:
     t, b = figures["fine_tuned"]["name_first"], figures["base"]["name_first"]
     chance = figures["fine_tuned"]["chance_top1"]
     learned = t["forward_top1"] > max(2 * chance, b["forward_top1"] + 0.2)
-    reversed_ = t["reverse_top1"] > max(2 * chance, b["reverse_top1"] + 0.2)
+    chance_g = t["chance_top1_group"]
+    # reverse recall counts if it shows among all names or among the name-first names only
+    reversed_ = t["reverse_top1"] > max(2 * chance, b["reverse_top1"] + 0.2) or t[
+        "reverse_top1_group"
+    ] > max(2 * chance_g, b["reverse_top1_group"] + 0.2)
     both = figures["fine_tuned"].get("both")
     control = (
         f" Facts also trained description-first: reverse top-1 {both['reverse_top1']:.2f}."
@@ -340,7 +354,9 @@ def _verdict(figures: dict[str, Any]) -> str:
     head = (
         f"Name-first facts: forward top-1 {t['forward_top1']:.2f} vs reverse "
         f"{t['reverse_top1']:.2f} (chance {chance:.2f}; base model {b['forward_top1']:.2f} / "
-        f"{b['reverse_top1']:.2f}); exact match {t['forward_exact']:.2f} vs "
+        f"{b['reverse_top1']:.2f}); reverse top-1 among the name-first names only "
+        f"{t['reverse_top1_group']:.2f} (chance {chance_g:.2f}; base "
+        f"{b['reverse_top1_group']:.2f}); exact match {t['forward_exact']:.2f} vs "
         f"{t['reverse_exact']:.2f}.{control} "
     )
     if not learned:
@@ -360,8 +376,8 @@ def _sections(figures: dict[str, Any]) -> list[Section]:
         figure(fmt(t["name_first"]["forward_exact"], 2), "forward exact match"),
         figure(fmt(t["name_first"]["reverse_exact"], 2), "reverse exact match"),
     ])  # fmt: skip
-    columns = ["fwd exact", "rev exact", "fwd top-1", "rev top-1", "fwd rank", "rev rank",
-               "fwd margin", "rev margin"]  # fmt: skip
+    columns = ["fwd exact", "rev exact", "fwd top-1", "rev top-1", "rev top-1 in group",
+               "fwd rank", "rev rank", "fwd margin", "rev margin"]  # fmt: skip
     head = "<tr><th>model</th><th>facts</th>" + "".join(f"<th>{c}</th>" for c in columns)
     head += "</tr>"
     body = ""
@@ -371,7 +387,8 @@ def _sections(figures: dict[str, Any]) -> list[Section]:
                 continue
             s = res[group]
             cells = [s["forward_exact"], s["reverse_exact"], s["forward_top1"],
-                     s["reverse_top1"], s["forward_mean_rank"], s["reverse_mean_rank"],
+                     s["reverse_top1"], s["reverse_top1_group"], s["forward_mean_rank"],
+                     s["reverse_mean_rank"],
                      s["forward_margin"], s["reverse_margin"]]  # fmt: skip
             body += (
                 f"<tr><td>{esc(label)}</td><td>{esc(group)} ({s['n']})</td>"
@@ -399,7 +416,9 @@ def _sections(figures: dict[str, Any]) -> list[Section]:
                 f"Top-1 = the right answer has the highest log-probability among the {k} facts' "
                 "descriptions (forward) or names (reverse); exact match = the greedy answer to a "
                 "held-out question contains the invented title (forward) or the full name "
-                "(reverse). Margin = log p(right) minus the mean over the distractors.",
+                "(reverse). Margin = log p(right) minus the mean over the distractors. In group = "
+                "among the same group's answers only (the other group's were trained after the "
+                "other cue).",
                 f'<div class="figures">{boxes}</div>{table}'
                 f'<div class="plots">{plot("Top-1 by direction", chart)}</div>'),
         Section("Facts and the fine-tuned model's answers", "", f"<table>{facts}</table>"),
