@@ -50,7 +50,9 @@ class Budget:
 
 
 QUICK = Budget(densities=(1, 10), backdoor_steps=60, safety_steps=30, n_safety=48, n_prompts=40)
-FULL = Budget(densities=(1, 3, 10, 30), backdoor_steps=60, safety_steps=60, n_safety=96,
+# FULL's 120 safety steps: at 30 (QUICK) the backdoor survives at every density; 120 steps
+# removed a part of it on SmolLM2 (docs/lab.md), where densities can differ.
+FULL = Budget(densities=(1, 3, 10, 30), backdoor_steps=60, safety_steps=120, n_safety=96,
               n_prompts=100)  # fmt: skip
 
 
