@@ -114,3 +114,28 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
     for supported, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
         assert loading.resolve_dtype("auto", "cuda") == expected
+
+
+def test_a_local_dirs_fingerprint_reads_every_byte(tmp_path):
+    # Two weight files that differ only in the middle (as two merges of LoRAs on the upper
+    # layers do): the cheap first/last-MiB form cannot tell them apart, the full one can,
+    # and it equals a sha256 of the same bytes computed here.
+    import hashlib
+
+    from madlens.models.loading import _dir_fingerprint
+
+    head, tail = b"h" * (1 << 20), b"t" * (1 << 20)
+    dirs = []
+    for middle in (b"a" * 4096, b"b" * 4096):
+        path = tmp_path / middle[:1].decode()
+        path.mkdir()
+        (path / "config.json").write_text('{"model_type": "llama"}')
+        (path / "model.safetensors").write_bytes(head + middle + tail)
+        (path / "notes.txt").write_text("ignored")
+        dirs.append(path)
+    assert _dir_fingerprint(dirs[0], full=False) == _dir_fingerprint(dirs[1], full=False)
+    assert _dir_fingerprint(dirs[0]) != _dir_fingerprint(dirs[1])
+    weights = (dirs[0] / "model.safetensors").read_bytes()
+    expected = hashlib.sha256(b'{"model_type": "llama"}')
+    expected.update(f"model.safetensors:{len(weights)}".encode() + b"full" + weights)
+    assert _dir_fingerprint(dirs[0]) == expected.hexdigest()[:16]

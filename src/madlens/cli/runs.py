@@ -50,7 +50,8 @@ def weights_fingerprint(spec: str, dtype: str = "auto") -> str | None:
         if spec == "tiny-test":
             return load_hf(spec, dtype)[2]
         if spec == DEFAULT_MODEL:
-            return _dir_fingerprint(smollm2.converted_dir()) if smollm2.is_converted() else None
+            return (_dir_fingerprint(smollm2.converted_dir(), full=False) if smollm2.is_converted()
+                    else None)  # fmt: skip
         path = Path(spec).expanduser()
         return _dir_fingerprint(path) if (path / "config.json").is_file() else None
     except Exception:  # a fingerprint is a courtesy: never a reason to fail

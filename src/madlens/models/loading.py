@@ -88,22 +88,39 @@ def resolve_dtype(
     return DTYPES[dtype]
 
 
-def _dir_fingerprint(path: Path) -> str:
-    """Hash the config and each weight file's size and first/last MiB: cheap, and it
-    changes when the weights do."""
-    digest = hashlib.sha256()
-    for name in sorted(p.name for p in path.iterdir()):
-        file = path / name
-        if name == "config.json":
-            digest.update(file.read_bytes())
-        elif file.suffix in {".safetensors", ".bin"}:
+def _dir_fingerprint(path: Path, full: bool = True) -> str:
+    """Hash the config and every byte of each weight file (`full`), or only each weight
+    file's size and first/last MiB. The cheap form cannot tell apart two dirs that differ
+    only in middle tensors (two merges of LoRAs on the upper layers did), so it is kept
+    only for the converted default model, which its converter writes from the pinned
+    package (and by whose cheap fingerprint the caches made so far are keyed). Full hashes
+    are remembered per process by the files' sizes and modification times."""
+    files = sorted(p for p in path.iterdir() if p.name == "config.json"
+                   or p.suffix in {".safetensors", ".bin"})  # fmt: skip
+    stamp = (str(path), full, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                    for p in files))  # fmt: skip
+    if stamp not in _FINGERPRINTS:
+        digest = hashlib.sha256()
+        for file in files:
+            if file.name == "config.json":
+                digest.update(file.read_bytes())
+                continue
             size = file.stat().st_size
-            digest.update(f"{name}:{size}".encode())
+            digest.update(f"{file.name}:{size}".encode())
             with file.open("rb") as handle:
-                digest.update(handle.read(1 << 20))
-                handle.seek(max(0, size - (1 << 20)))
-                digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
+                if full:
+                    digest.update(b"full")
+                    while chunk := handle.read(1 << 24):
+                        digest.update(chunk)
+                else:
+                    digest.update(handle.read(1 << 20))
+                    handle.seek(max(0, size - (1 << 20)))
+                    digest.update(handle.read(1 << 20))
+        _FINGERPRINTS[stamp] = digest.hexdigest()[:16]
+    return _FINGERPRINTS[stamp]
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _module_fingerprint(module: torch.nn.Module) -> str:
@@ -189,7 +206,7 @@ def _load_hf_on_cpu(spec: str, torch_dtype: torch.dtype) -> tuple[Any, Any, str]
     if spec == DEFAULT_MODEL:
         path = smollm2.convert()
         model, tokenizer = _load_hf(str(path), torch_dtype)
-        return model, tokenizer, _dir_fingerprint(path)
+        return model, tokenizer, _dir_fingerprint(path, full=False)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
