@@ -107,13 +107,13 @@ def merged_model_dir(model: str, adapter: str | Path, fingerprint: str) -> Path:
     from peft import PeftModel
 
     from madlens.models import load_hf
+    from madlens.models.devices import host
 
     def build(tmp: Path) -> None:
-        hf, tokenizer, _ = load_hf(model, "float32", device="cpu")
+        hf, tokenizer, _ = load_hf(model, "float32", device=host())
         merged = PeftModel.from_pretrained(hf, str(adapter)).merge_and_unload()
-        # A model dir's fingerprint reads its config and only the first and last MiB of each
-        # weight file, which a LoRA on the middle blocks leaves alone: the config names the
-        # merge, so that two merges never share a fingerprint (nor fine-tune caches).
+        # The config names the merge too (a model dir's fingerprint once read only the first
+        # and last MiB of each weight file, which a LoRA on the middle blocks leaves alone).
         merged.config.madlens_merged = fingerprint
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
