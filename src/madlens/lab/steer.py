@@ -420,16 +420,20 @@ def _truth_verdict(r: dict[str, Any], coefficients: list[float], layer: str) -> 
         return head + (f"Agrees with CAA / representation engineering: the true-minus-false "
                        f"direction makes the liar truthful and the honest model lie at c = "
                        f"{coefficients[steer]:g}, the random control does not.")  # fmt: skip
-    lost_only = [n for n in TRUTH_DIRECTIONS if loss[n] >= 0.5]
+    sizes = (f"(largest gain told to lie: mean-diff {gain['truth-mean-diff']:+.0%}, CCS "
+             f"{gain['ccs']:+.0%}, random {gain['random']:+.0%}; largest loss told to be honest: "
+             f"mean-diff {loss['truth-mean-diff']:.0%}, CCS {loss['ccs']:.0%}, random "
+             f"{loss['random']:.0%})")  # fmt: skip
+    best = max(gain["truth-mean-diff"], gain["ccs"])
+    if best >= 0.25 and best >= gain["random"] + 0.25:
+        return head + (f"Partly agrees with CAA / representation engineering: a truth direction "
+                       f"makes the liar more truthful, beyond the random control, but not by "
+                       f"half both ways at one c {sizes}.")  # fmt: skip
     return head + (
-        f"Does not reproduce CAA / representation engineering's honesty steering here: no "
-        f"truth direction made the liar truthful (largest gain: mean-diff "
-        f"{gain['truth-mean-diff']:+.0%}, CCS {gain['ccs']:+.0%}, random {gain['random']:+.0%})"
-        + (f"; the honest model's truthfulness falls under {' and '.join(lost_only)} too, "
-           "the random control included, so that fall is damage, not steering."
-           if "random" in lost_only else
-           f"; subtracting it costs the honest model up to {loss['truth-mean-diff']:.0%} "
-           f"(mean-diff), {loss['ccs']:.0%} (CCS), {loss['random']:.0%} (random).")
+        "Does not reproduce CAA / representation engineering's honesty steering here: no truth "
+        f"direction made the liar truthful beyond the random control {sizes}"
+        + ("; where truthfulness falls under the honest prompt the random control's falls "
+           "too: damage, not steering." if loss["random"] >= 0.25 else ".")
     )  # fmt: skip
 
 
