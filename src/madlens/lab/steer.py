@@ -399,8 +399,6 @@ def _truth_figures(truth: dict[str, Any], coefficients: list[float], main: str) 
         key = name.replace("-", "_")
         out[f"truth_told_to_lie_plus_{key}_cmax"] = r[name]["lying_plus"][-1]
         out[f"truth_told_honest_minus_{key}_cmax"] = r[name]["honest_minus"][-1]
-        out[f"truth_told_to_lie_plus_{key}_best_c"] = max(r[name]["lying_plus"])
-        out[f"truth_told_honest_minus_{key}_best_c"] = min(r[name]["honest_minus"])
     return out
 
 
