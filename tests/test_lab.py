@@ -256,27 +256,35 @@ def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_
 def test_truth_directions_are_a_mean_difference_ccs_and_a_control_of_one_norm(tiny):
     """The truth direction is the numpy mean difference of answer-averaged activations of
     true and false statements; CCS's is the bench detector's, scaled to that norm and oriented
-    so the honest transcripts read true (by hand: mean sigmoid > 0.5); random has that norm
-    and is nearly orthogonal to it."""
+    so the honest transcripts read true (by hand: mean sigmoid > 0.5); the honesty direction
+    the last-token mean difference of honest- and lying-prompted questions, at that norm;
+    random has that norm and is nearly orthogonal to it."""
     from madlens.activations import extract
     from madlens.detectors.ccs import CCSDetector
     from madlens.lab.steer import truth_directions
     from madlens.models import resid_post
-    from madlens.tasks.lying import SHOWN_PROMPT, conversation, facts
+    from madlens.tasks.lying import HONEST_PROMPT, LIE_PROMPTS, SHOWN_PROMPT, conversation, facts
 
     items = facts("capitals")[:12]
     true = [conversation(f, SHOWN_PROMPT, f.answer(lie=False)) for f in items]
     false = [conversation(f, SHOWN_PROMPT, f.answer(lie=True)) for f in items]
     honest = true[:6]
     hook = resid_post(1)
-    found = truth_directions(tiny, (true, false), honest, [hook], 0, False)[hook]
+    told = ([conversation(f, HONEST_PROMPT) for f in items[:5]],
+            [conversation(f, LIE_PROMPTS[0]) for f in items[:5]])  # fmt: skip
+    found = truth_directions(tiny, (true, false), honest, told, [hook], 0, False)[hook]
     pos = np.asarray(extract(tiny, true, [hook], "mean", progress=False)[hook], np.float64)
     neg = np.asarray(extract(tiny, false, [hook], "mean", progress=False)[hook], np.float64)
     diff = pos.mean(0) - neg.mean(0)
     np.testing.assert_allclose(found["truth-mean-diff"], diff, rtol=1e-5, atol=1e-6)
     norm = np.linalg.norm(diff)
-    for name in ("ccs", "random"):
+    for name in ("ccs", "honesty-mean-diff", "random"):
         assert np.linalg.norm(found[name]) == pytest.approx(norm, rel=1e-9)
+    a, b = (np.asarray(extract(tiny, t, [hook], "last", progress=False)[hook], np.float64)
+            for t in told)  # fmt: skip
+    honesty = a.mean(0) - b.mean(0)
+    np.testing.assert_allclose(found["honesty-mean-diff"], honesty / np.linalg.norm(honesty) * norm,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     assert abs(found["random"] @ diff) / norm**2 < 0.3
     x = np.asarray(extract(tiny, honest, [hook], "mean", progress=False)[hook], np.float64)
     det = CCSDetector(seed=0).fit(x, contrast=ContrastPairs(pos, neg))
@@ -334,7 +342,7 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     # the truthfulness read-out: c = 0 is the liar's plain greedy answers, counted by hand
     f = doc["figures"]
     truth = f["truth_rate"]["1"]
-    assert set(truth) == {"truth-mean-diff", "ccs", "random"}
+    assert set(truth) == {"truth-mean-diff", "ccs", "honesty-mean-diff", "random"}
     assert all(len(v["lying_plus"]) == len(v["honest_minus"]) == 2 for v in truth.values())
     from madlens.data import format_chat
     from madlens.models import generate, load_model
@@ -353,7 +361,7 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
         prompts = [format_chat(liar.tokenizer, conversation(x, s)) for x, s in zip(items, systems)]
         answers = generate(liar, prompts, max_new_tokens=steer_module.TRUTH_TOKENS)
         assert f[key] == pytest.approx(sum(is_true(x, a) for x, a in zip(items, answers)) / 3)
-    for key in ("truth_mean_diff", "ccs", "random"):
+    for key in ("truth_mean_diff", "ccs", "honesty_mean_diff", "random"):
         assert 0 <= f[f"truth_told_to_lie_plus_{key}_cmax"] <= 1
         assert 0 <= f[f"truth_told_honest_minus_{key}_cmax"] <= 1
     assert "Truthfulness, layer 1" in doc["verdict"]
