@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from madlens import __version__, lab
+from madlens.detectors import ContrastPairs
+from madlens.errors import MadlensError
 from madlens.lab import Experiment, LabResult, Section
 from madlens.lab.graft import graft, locate, split_indices, top_order, weight_changes
 from madlens.lab.steer import residual_steering, steered_answers
@@ -248,6 +250,63 @@ def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_
     assert len(list((tmp_path / "generations").iterdir())) == 2  # cached by the vector
 
 
+# --- steering: the truth direction and the truthful rate ---------------------------------
+
+
+def test_truth_directions_are_a_mean_difference_ccs_and_a_control_of_one_norm(tiny):
+    """The truth direction is the numpy mean difference of answer-averaged activations of
+    true and false statements; CCS's is the bench detector's, scaled to that norm and oriented
+    so the honest transcripts read true (by hand: mean sigmoid > 0.5); the honesty direction
+    the last-token mean difference of honest- and lying-prompted questions, at that norm;
+    random has that norm and is nearly orthogonal to it."""
+    from madlens.activations import extract
+    from madlens.detectors.ccs import CCSDetector
+    from madlens.lab.steer import truth_directions
+    from madlens.models import resid_post
+    from madlens.tasks.lying import HONEST_PROMPT, LIE_PROMPTS, SHOWN_PROMPT, conversation, facts
+
+    items = facts("capitals")[:12]
+    true = [conversation(f, SHOWN_PROMPT, f.answer(lie=False)) for f in items]
+    false = [conversation(f, SHOWN_PROMPT, f.answer(lie=True)) for f in items]
+    honest = true[:6]
+    hook = resid_post(1)
+    told = ([conversation(f, HONEST_PROMPT) for f in items[:5]],
+            [conversation(f, LIE_PROMPTS[0]) for f in items[:5]])  # fmt: skip
+    found = truth_directions(tiny, (true, false), honest, told, [hook], 0, False)[hook]
+    pos = np.asarray(extract(tiny, true, [hook], "mean", progress=False)[hook], np.float64)
+    neg = np.asarray(extract(tiny, false, [hook], "mean", progress=False)[hook], np.float64)
+    diff = pos.mean(0) - neg.mean(0)
+    np.testing.assert_allclose(found["truth-mean-diff"], diff, rtol=1e-5, atol=1e-6)
+    norm = np.linalg.norm(diff)
+    for name in ("ccs", "honesty-mean-diff", "random"):
+        assert np.linalg.norm(found[name]) == pytest.approx(norm, rel=1e-9)
+    a, b = (np.asarray(extract(tiny, t, [hook], "last", progress=False)[hook], np.float64)
+            for t in told)  # fmt: skip
+    honesty = a.mean(0) - b.mean(0)
+    np.testing.assert_allclose(found["honesty-mean-diff"], honesty / np.linalg.norm(honesty) * norm,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert abs(found["random"] @ diff) / norm**2 < 0.3
+    x = np.asarray(extract(tiny, honest, [hook], "mean", progress=False)[hook], np.float64)
+    det = CCSDetector(seed=0).fit(x, contrast=ContrastPairs(pos, neg))
+    unit = found["ccs"] / norm
+    assert abs(unit @ det.direction_) / np.linalg.norm(det.direction_) == pytest.approx(1.0)
+    z = (x - det.location_) / det.scale_ @ det.direction_ + det.intercept_
+    assert (1 / (1 + np.exp(-z))).mean() > 0.5  # oriented by trusted honest transcripts
+    assert unit @ det.direction_ > 0
+
+
+def test_truthful_rate_is_a_count_of_answers_naming_the_truth():
+    from madlens.lab.steer import truthful_rate
+    from madlens.tasks.lying import Fact
+
+    france = Fact("capitals", "What is the capital of France?", "Paris", "Lyon",
+                  "The capital of France is {}.")  # fmt: skip
+    answers = ["The capital of France is Paris.", "Lyon.", "PARIS!", "Parisian food", ""]
+    assert truthful_rate([france] * 5, answers) == pytest.approx(2 / 5)
+    with pytest.raises(MadlensError):
+        truthful_rate([france], answers)
+
+
 # --- the experiments end to end, on tiny-test ---------------------------------------------
 
 
@@ -260,7 +319,7 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     from madlens.models.tiny import tiny_model
 
     monkeypatch.setattr(graft_module, "QUICK", graft_module.Budget((1e-2, 1.0), 2, (1e-2,)))
-    monkeypatch.setattr(steer_module, "QUICK", steer_module.Budget((0.5,), (0.0, 2.0), 2))
+    monkeypatch.setattr(steer_module, "QUICK", steer_module.Budget((0.5,), (0.0, 2.0), 2, 3))
     _, doc = run_lab("graft", tmp_path / "g", quick=True, progress=False, device="cpu",
                      model="tiny-test")  # fmt: skip
     f = doc["figures"]
@@ -278,4 +337,31 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     assert all(len(v["untriggered_plus"]) == 2 for v in rates.values())
     # c = 0 adds nothing: the same answers whatever the direction
     assert len({v["untriggered_plus"][0] for v in rates.values()}) == 1
-    assert "<svg" in (tmp_path / "s" / "lab.html").read_text()
+    html = (tmp_path / "s" / "lab.html").read_text()
+    assert "<svg" in html and "Truthfulness against steering strength" in html
+    # the truthfulness read-out: c = 0 is the liar's plain greedy answers, counted by hand
+    f = doc["figures"]
+    truth = f["truth_rate"]["1"]
+    assert set(truth) == {"truth-mean-diff", "ccs", "honesty-mean-diff", "random"}
+    assert all(len(v["lying_plus"]) == len(v["honest_minus"]) == 2 for v in truth.values())
+    from madlens.data import format_chat
+    from madlens.models import generate, load_model
+    from madlens.tasks import build_task
+    from madlens.tasks.lying import HONEST_PROMPT, conversation, is_true, lie_systems
+
+    task = build_task("lying", "tiny-test", quick=True, progress=False, check=False)  # cached
+    items = steer_module.held_out_facts(task, 3, 0)
+    assert len(items) == f["n_truth_facts"] == 3
+    test_questions = {c[1]["content"] for c in task.test}
+    assert {x.question for x in items} <= test_questions
+    assert not {x.question for x in items} & {c[1]["content"] for c in task.contrast[0]}
+    liar = load_model("tiny-test", adapter=task.adapter, device="cpu")
+    for systems, key in ((lie_systems(3), "truth_told_to_lie_c0"),
+                         ([HONEST_PROMPT] * 3, "truth_told_honest_c0")):  # fmt: skip
+        prompts = [format_chat(liar.tokenizer, conversation(x, s)) for x, s in zip(items, systems)]
+        answers = generate(liar, prompts, max_new_tokens=steer_module.TRUTH_TOKENS)
+        assert f[key] == pytest.approx(sum(is_true(x, a) for x, a in zip(items, answers)) / 3)
+    for key in ("truth_mean_diff", "ccs", "honesty_mean_diff", "random"):
+        assert 0 <= f[f"truth_told_to_lie_plus_{key}_cmax"] <= 1
+        assert 0 <= f[f"truth_told_honest_minus_{key}_cmax"] <= 1
+    assert "Truthfulness, layer 1" in doc["verdict"]
