@@ -97,15 +97,16 @@ def _dir_fingerprint(path: Path, full: bool = True) -> str:
     are remembered per process by the files' sizes and modification times."""
     files = sorted(p for p in path.iterdir() if p.name == "config.json"
                    or p.suffix in {".safetensors", ".bin"})  # fmt: skip
-    stamp = (str(path), full, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                                    for p in files))  # fmt: skip
+    stats = [p.stat() for p in files]
+    stamp = (str(path), full, tuple((p.name, st.st_size, st.st_mtime_ns)
+                                    for p, st in zip(files, stats)))  # fmt: skip
     if stamp not in _FINGERPRINTS:
         digest = hashlib.sha256()
-        for file in files:
+        for file, st in zip(files, stats):
             if file.name == "config.json":
                 digest.update(file.read_bytes())
                 continue
-            size = file.stat().st_size
+            size = st.st_size
             digest.update(f"{file.name}:{size}".encode())
             with file.open("rb") as handle:
                 if full:
