@@ -15,7 +15,8 @@
 #
 #   timeout 900 bash benchmarks/gpu_check.sh
 #
-# PYTHON (default .venv/bin/python) is the interpreter with madlens installed.
+# PYTHON (default .venv/bin/python) is the interpreter with madlens installed; TESTS (default:
+# every test file) narrows step 3 to some files, where the test-only packages are missing.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,7 @@ TESTS_S=${TESTS_S:-240}
 CAPTURE_S=${CAPTURE_S:-180}
 SAE_S=${SAE_S:-120}
 BENCH_S=${BENCH_S:-300}
+TESTS=${TESTS:-}
 # SAE training steps/s on the 2-core development machine's CPU (docs/benchmarks.md)
 REFERENCE_CPU_RATE=${REFERENCE_CPU_RATE:-2.15}
 
@@ -80,8 +82,9 @@ step() {
 
 step nvidia-smi 30 40 nvidia-smi
 step models-pull "$PULL_S" 5 "${MADLENS[@]}" models pull
+# shellcheck disable=SC2086 # TESTS is a list of paths
 step device-tests "$TESTS_S" 30 env OMP_WAIT_POLICY=PASSIVE "$PYTHON" -m pytest -m device -q \
-    -p no:cacheprovider
+    -p no:cacheprovider $TESTS
 step capture-vs-forward "$CAPTURE_S" 10 "$PYTHON" benchmarks/capture_vs_forward.py \
     --device cuda
 step sae-speed "$SAE_S" 10 "$PYTHON" benchmarks/sae_device_speed.py --device cuda \
