@@ -258,6 +258,8 @@ def test_ooc_verdict_says_when_it_is_not_a_test():
     null["fine_tuned"]["Pangolin"]["german"] = 0.1  # one answer of ten: no effect
     assert "No out-of-context effect" in ooc._verdict(null)
     assert "learned the description but does not act on it" in ooc._verdict(null)
+    null["fine_tuned"]["Quokka"]["recall"] = 0.8  # the control recalled too: not bound
+    assert "not bound to Pangolin" in ooc._verdict(null)
     null["fine_tuned"]["Pangolin"]["recall"] = 0.0
     assert "did not teach the description" in ooc._verdict(null)
 

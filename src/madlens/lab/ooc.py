@@ -301,9 +301,12 @@ def _verdict(f: dict[str, Any]) -> str:
     recall = (
         f" Asked about {most} without a persona, the fine-tuned model names German in "
         f"{tuned[most]['recall']:.2f} of its answers ({least}: {tuned[least]['recall']:.2f}): "
-        + ("it learned the description but does not act on it."
+        + ("the fine-tune did not teach the description, so this is no test of acting on it."
+           if tuned[most]["recall"] <= 0.5
+           else "it learned the description but does not act on it."
            if tuned[most]["recall"] - tuned[least]["recall"] > 0.5
-           else "the fine-tune did not teach the description well enough to test acting on it.")
+           else f"it learned 'assistants answer in German', not bound to {most} (the "
+           f"never-described {least} gets it as often), and does not act on it either.")
     )  # fmt: skip
     return head + (
         "No out-of-context effect at this size and budget: consistent with the paper's "
