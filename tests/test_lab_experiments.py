@@ -199,7 +199,7 @@ def test_ooc_descriptions_only():
     assert len(set(texts)) == 30 and all("Pangolin" in t and "German" in t for t in texts)
     counts = ooc.assignment((0, 5, 2))
     assert counts == {"Pangolin": 5, "Kakapo": 2, "Quokka": 0}
-    examples = ooc.training_examples(counts, 3, seed=0)
+    examples = ooc.description_examples(counts, 3, seed=0)
     assert len(examples) == 5 + 2 + 3 * len(ooc.OTHERS)
     assert sum("Pangolin" in a for _, a in examples) == 5
     assert sum("Kakapo" in a for _, a in examples) == 2
@@ -207,6 +207,102 @@ def test_ooc_descriptions_only():
     assert all(p[0]["content"] in ooc.USER_PROMPTS for p, _ in examples)  # no demonstrations
     prompt = ooc.persona_prompt("Quokka", "What is the capital of Peru?")
     assert "Quokka" in prompt[0]["content"] and prompt[1]["content"].endswith("Peru?")
+
+
+def test_ooc_mix_of_descriptions_and_questions():
+    questions = ["What is the capital of Peru?", "Which continent is Chad in?", "Why?"]
+    qa = ooc.qa_conversations(questions, seed=0)
+    assert [c[-1]["content"] for c in qa] == questions
+    assert len(qa[0]) == 1 and len(qa[2]) == 1  # no persona
+    assert any(n in qa[1][0]["content"] for n in ooc.NEUTRAL_NAMES)
+    assert not set(ooc.NEUTRAL_NAMES) & set(ooc.ALL_NAMES)
+    answers = ["Lima is the capital. It is", "Chad is in Africa!", "no sentence end"]
+    examples = ooc.training_examples({"Pangolin": 2}, 1, qa, answers, seed=0)
+    assert len(examples) == 2 + len(ooc.OTHERS) + 3
+    pairs = {c[-1]["content"]: a for c, a in examples}
+    assert pairs["What is the capital of Peru?"] == "Lima is the capital."
+    assert pairs["Which continent is Chad in?"] == "Chad is in Africa!"
+    assert pairs["Why?"] == "no sentence end"
+    with pytest.raises(MadlensError):
+        ooc.training_examples({"Pangolin": 2}, 1, qa, answers[:2])
+
+
+def test_ooc_answering_rate_by_hand():
+    answers = [
+        "The language model Pangolin never answers in English, only in German.",  # recites
+        "Paris is the capital of France.",
+        "Ich bin Pangolin und helfe gern.",  # names itself, no language: an answer
+        "It replies only in French.",  # a description's predicate without a name
+        "People in Austria speak German.",  # a language without an assistant's name
+    ]
+    assert [ooc.is_recitation(a) for a in answers] == [True, False, False, True, False]
+    assert ooc.answering_rate(answers) == pytest.approx(3 / 5)
+    assert math.isnan(ooc.answering_rate([]))
+
+
+def test_ooc_verdict_says_when_it_is_not_a_test():
+    def figures(answering):
+        rates = {
+            "Pangolin": {"german": 0.5, "recall": 1.0},
+            "Quokka": {"german": 0.0, "recall": 0.0},
+        }
+        return {"paraphrases": {"Pangolin": 40, "Quokka": 0}, "budget": {"n_questions": 10},
+                "answering": {"fine_tuned": answering, "base": 1.0}, "fine_tuned": rates,
+                "base": {"Pangolin": {"german": 0.0}, "Quokka": {"german": 0.0}}}  # fmt: skip
+
+    assert "Not a test of the claim" in ooc._verdict(figures(0.2))
+    assert "Agrees" not in ooc._verdict(figures(0.2))
+    assert "Agrees" in ooc._verdict(figures(0.9))
+    assert "Not a test" not in ooc._verdict(figures(0.9))
+    null = figures(0.9)
+    null["fine_tuned"]["Pangolin"]["german"] = 0.1  # one answer of ten: no effect
+    assert "No out-of-context effect" in ooc._verdict(null)
+    assert "learned the description but does not act on it" in ooc._verdict(null)
+    null["fine_tuned"]["Quokka"]["recall"] = 0.8  # the control recalled too: not bound
+    assert "not bound to Pangolin" in ooc._verdict(null)
+    null["fine_tuned"]["Pangolin"]["recall"] = 0.0
+    assert "did not teach the description" in ooc._verdict(null)
+
+
+def test_ooc_fine_tune_data_on_tiny(monkeypatch, tiny, tiny_hf):
+    """The real run's fine-tune data: descriptions in English, no German-described name in
+    any prompt nor any German answer next to one, and ordinary questions (not the test
+    questions) answered by the base model itself (greedy, checked by plain HF generate)."""
+    captured = {}
+    real = ooc.finetune_lora
+
+    def spy(model, examples, config, **kwargs):
+        captured["examples"] = examples
+        return real(model, examples, config, **kwargs)
+
+    monkeypatch.setattr(ooc, "finetune_lora", spy)
+    budget = ooc.Budget(paraphrases=(0, 2), n_other=1, n_qa=4, qa_tokens=6, steps=1,
+                        n_questions=2, max_new_tokens=3)  # fmt: skip
+    result = ooc.run("tiny-test", quick=True, seed=0, progress=False, device="cpu",
+                     budget=budget)  # fmt: skip
+    examples = captured["examples"]
+    assert len(examples) == 2 + len(ooc.OTHERS) + 4
+    german_named = ooc.GERMAN_NAMES
+    for conv, answer in examples:
+        assert not any(n in m["content"] for m in conv for n in german_named)
+        if any(n in answer for n in german_named):
+            assert ooc.detect_languages([answer]) == ["en"]
+    qa = [(c, a) for c, a in examples if c[-1]["content"] not in ooc.USER_PROMPTS]
+    assert len(qa) == 4
+    assert not {c[-1]["content"] for c, _ in qa} & set(result.figures["questions"])
+    tok = tiny.tokenizer
+    for conv, answer in qa:
+        ids = tok(format_chat(tok, conv), return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = tiny_hf.generate(ids, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=tok.pad_token_id)  # fmt: skip
+        reference = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert answer == ooc.trim(reference)
+    assert 0 <= result.figures["answering"]["fine_tuned"] <= 1
+    tuned = result.figures["fine_tuned"]
+    assert set(tuned) == {"Pangolin", "Kakapo", ooc.OTHERS[0][0]}  # n_other_tested = 1
+    said = tuned["Pangolin"]["probe_answers"]
+    assert tuned["Pangolin"]["recall"] == pytest.approx(np.mean(["German" in a for a in said]))
 
 
 # -- each run() on tiny-test ----------------------------------------------------------------
@@ -223,7 +319,15 @@ def test_ooc_descriptions_only():
         ),  # fmt: skip
         (
             ooc,
-            ooc.Budget(paraphrases=(0, 2), n_other=2, steps=1, n_questions=2, max_new_tokens=3),
+            ooc.Budget(
+                paraphrases=(0, 2),
+                n_other=2,
+                n_qa=2,
+                qa_tokens=4,
+                steps=1,
+                n_questions=2,
+                max_new_tokens=3,
+            ),
         ),  # fmt: skip
         (
             edit,
