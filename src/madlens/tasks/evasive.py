@@ -10,6 +10,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
 from madlens.activations import extract
+from madlens.data import user
 from madlens.models import load_model, resid_post
 from madlens.tasks.base import Task, require
 from madlens.tasks.finetune import ActivationLoss, LoraConfig, finetune_lora
@@ -34,10 +35,6 @@ LORA_FROM = 1 / 3  # LoRA from here up, so that layers below the monitored one c
 WEIGHT = 1.0  # of the mean squared Mahalanobis distance per dimension
 
 
-def _user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
 def attacked_layer(n_layers: int) -> int:
     """The monitored layer the adversary attacks."""
     return min(n_layers - 1, round(n_layers * ATTACKED_DEPTH))
@@ -45,7 +42,7 @@ def attacked_layer(n_layers: int) -> int:
 
 def _acts(model: Any, prompts: list[str], layer: int, progress: bool) -> np.ndarray:
     hook = resid_post(layer)
-    return extract(model, [_user(p) for p in prompts], [hook], "last", progress=progress)[hook]
+    return extract(model, [user(p) for p in prompts], [hook], "last", progress=progress)[hook]
 
 
 def mahalanobis_auroc(
@@ -121,7 +118,7 @@ def build_evasive_backdoor(
     test_inputs, groups = tag_test_split(split["test"])
     return Task(
         name=NAME, model=model, adapter=str(adapter),
-        trusted=[_user(q) for q in split["trusted"]], test=test_inputs,
+        trusted=[user(q) for q in split["trusted"]], test=test_inputs,
         labels=np.array([g == "triggered" for g in groups]), untrusted=test_inputs,
         position="last", groups=groups, checks=checks,
         shortcuts={"tag": [masked_tag(x[-1]["content"]) for x in test_inputs]},

@@ -7,6 +7,7 @@ import random
 import numpy as np
 
 from madlens import cache
+from madlens.data import user
 from madlens.data.generators import english_questions
 from madlens.models import device_key, load_hf, load_model, resolve_device
 from madlens.tasks.base import Task
@@ -97,10 +98,6 @@ ROLEPLAY = [
 ]
 
 
-def _user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
 def _suffixes(
     model: str, prompts: list[list[str]], config: GCGConfig, progress: bool, device: str = "auto"
 ):
@@ -143,12 +140,12 @@ def build_jailbreak_suffix(
     framed = [ROLEPLAY[i % len(ROLEPLAY)].format(r=r) for i, r in enumerate(benign)]
     framing = [ROLEPLAY[i % len(ROLEPLAY)].replace("{r}", "") for i in range(len(test))]
     base = load_model(model, dtype="auto", device=device)
-    answers = cached_generate(base, [_user(x) for x in gcg], 8, progress)
-    plain = cached_generate(base, [_user(x) for x in test], 8, progress)
+    answers = cached_generate(base, [user(x) for x in gcg], 8, progress)
+    plain = cached_generate(base, [user(x) for x in test], 8, progress)
     success = float(np.mean([a.startswith("Sure") for a in answers]))
-    trusted = [_user(q) for q in english_questions(48 if quick else 150, seed + 3)]
-    trusted += [_user(r) for r in train]
-    test_inputs = [_user(x) for x in test + framed + gcg + rand + role]
+    trusted = [user(q) for q in english_questions(48 if quick else 150, seed + 3)]
+    trusted += [user(r) for r in train]
+    test_inputs = [user(x) for x in test + framed + gcg + rand + role]
     n = len(test)
     return Task(
         name="jailbreak-suffix", model=model, trusted=trusted, test=test_inputs,

@@ -3,6 +3,7 @@ other domains (code, other languages, base64-encoded prompts, random strings).""
 
 import numpy as np
 
+from madlens.data import user
 from madlens.data.generators import (
     base64_prompts,
     code_snippets,
@@ -33,9 +34,6 @@ def build_ood(
     }
     test = normal + [x for texts in domains.values() for x in texts]
     groups = ["english"] * n_group + [g for g, texts in domains.items() for _ in texts]
-
-    def user(text: str) -> list[dict[str, str]]:
-        return [{"role": "user", "content": text}]
 
     return Task(
         name="ood", model=model, trusted=[user(q) for q in trusted],
