@@ -4,6 +4,7 @@ weights, the config and the data; plus cached greedy (or sampled) generation."""
 import json
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -281,22 +282,13 @@ def _train(
     progress: bool,
     out: Path,
 ) -> None:
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
-    peft_model = get_peft_model(
-        model,
-        PeftLoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            layers_to_transform=None if config.layers is None else list(config.layers),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    with warnings.catch_warnings():
+        # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates: a
+        # FutureWarning on every fine-tune that is peft's to fix, not the user's.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        peft_model = _peft(model, config)
     peft_model.train()
     encoded = [_encode(tokenizer, p, r, config.max_length) for p, r in examples]
     optimizer = torch.optim.AdamW(
@@ -392,3 +384,21 @@ def cached_generate(
         return [a.strip() for a in answers]
 
     return cache.load_or_compute(cache.folder("generations") / f"{name}.json", answer)
+
+
+def _peft(model: Any, config: LoraConfig) -> Any:
+    """`model` wrapped by peft with `config`'s LoRA adapters."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            layers_to_transform=None if config.layers is None else list(config.layers),
+            task_type="CAUSAL_LM",
+        ),
+    )
