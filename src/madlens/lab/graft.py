@@ -259,12 +259,12 @@ def layer_separation(
     hooks = [resid_post(layer) for layer in range(tuned.n_layers)]
     trusted_acts = extract(tuned, trusted, hooks, "last", progress=progress)
     test_acts = extract(tuned, test, hooks, "last", progress=progress)
-    kind = np.asarray(groups)
-    labels = np.isin(kind, ["triggered", "fired-without-trigger"])
+    group = np.asarray(groups)
+    labels = np.isin(group, ["triggered", "fired-without-trigger"])
     scores = {h: Mahalanobis().fit(trusted_acts[h]).score(test_acts[h]) for h in hooks}
     out = {"all": [auroc(labels, scores[h]) for h in hooks]}
-    control = np.isin(kind, ["benign-tag", "triggered"])
-    if (kind == "benign-tag").any():
+    control = np.isin(group, ["benign-tag", "triggered"])
+    if (group == "benign-tag").any():
         out["vs_benign_tag"] = [auroc(labels[control], scores[h][control]) for h in hooks]
     return out
 
