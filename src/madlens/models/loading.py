@@ -9,6 +9,8 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,8 +234,19 @@ def _merge_adapter(model: Any, adapter: str | Path) -> tuple[Any, str]:
         raise MadlensError(f"'{adapter}' is not a LoRA adapter dir (no adapter_config.json)")
     from peft import PeftModel
 
-    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    with quiet_peft():
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return merged.eval(), _dir_fingerprint(adapter)
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Silence peft's read of `model.is_gradient_checkpointing`, which transformers 5
+    deprecates: a FutureWarning on every adapter made or loaded that is peft's to fix, not
+    the user's (`tests/test_finetune.py` checks that peft itself still warns)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        yield
 
 
 def load_model(

