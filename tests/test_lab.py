@@ -12,7 +12,16 @@ from madlens import __version__, lab
 from madlens.detectors import ContrastPairs
 from madlens.errors import MadlensError
 from madlens.lab import Experiment, LabResult, Section
-from madlens.lab.graft import graft, locate, split_indices, top_order, weight_changes
+from madlens.lab.graft import (
+    FULL,
+    graft,
+    learned_order,
+    lm_batches,
+    locate,
+    split_indices,
+    top_order,
+    weight_changes,
+)
 from madlens.lab.steer import residual_steering, steered_answers
 from madlens.report import line_chart, plot
 
@@ -163,6 +172,64 @@ def test_graft_sets_exactly_the_selected_entries():
     graft(base, base_weights, changes, None)  # everything: the tuned model
     for name, p in tuned.named_parameters():
         torch.testing.assert_close(dict(base.named_parameters())[name], p)
+
+
+def test_learned_mask_keeps_the_change_that_matters_where_magnitude_does_not():
+    """A linear model whose inputs 2 and 3 are always zero: their (largest) changes do
+    nothing, so the loss is flat in their mask logits; the learned mask of size 2 moves to
+    the small changes of inputs 0 and 1, which carry the fine-tuned output."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    base = {"weight": torch.zeros(1, 4)}
+    changes = {"weight": torch.tensor([[0.1, 0.2, 5.0, 6.0]])}
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    x[:, 2:] = 0
+    target = x @ (base["weight"] + changes["weight"]).T
+
+    def loss_of(forward, step):
+        return ((forward((x,), {}) - target) ** 2).mean()
+
+    assert set(top_order(changes, 2)) == {2, 3}
+    # within the full budget's steps the logits of inputs 0 and 1 pass the unused ones'
+    # (which stay at +MASK_INIT)
+    steps = FULL.learned_steps
+    assert set(learned_order(model, base, changes, loss_of, 2, steps=steps)) == {0, 1}
+    # the model's own parameters are left as they were, trainable
+    assert model.weight.requires_grad and model.weight.grad is None
+
+
+def test_learned_mask_forward_at_the_full_mask_is_the_plain_tuned_loss(monkeypatch):
+    """With every logit large, base + sigmoid(logit) * change is the tuned model: the loss
+    `learned_order` optimises on `lm_batches` equals the plain HF forward's with labels."""
+    import madlens.lab.graft as graft_module
+    from madlens.models import load_hf, load_model
+    from madlens.tasks.finetune import LoraConfig, finetune_lora
+
+    examples = [([{"role": "user", "content": f"q{i}"}], f"answer {i}") for i in range(6)]
+    adapter = finetune_lora("tiny-test", examples, LoraConfig(steps=2, learning_rate=5e-2),
+                            progress=False, device="cpu")  # fmt: skip
+    base, tokenizer, _ = load_hf("tiny-test", "float32", device="cpu")
+    tuned = load_model("tiny-test", adapter=adapter, device="cpu").hf_model
+    changes = weight_changes(base, tuned)
+    weights = {n: p.detach().clone() for n, p in base.named_parameters() if n in changes}
+    (ids, labels, mask), *_ = lm_batches(tokenizer, examples, 4, 0)
+    assert ids.shape[0] == 4 and (labels != -100).any() and not (labels[mask == 0] != -100).any()
+    with torch.no_grad():
+        expected = float(tuned(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    seen = []
+
+    def loss_of(forward, step):
+        loss = forward((), {"input_ids": ids, "attention_mask": mask, "labels": labels}).loss
+        seen.append(float(loss.detach()))
+        return loss
+
+    n = sum(d.numel() for d in changes.values())
+    assert len(learned_order(base, weights, changes, loss_of, n, steps=1)) == n
+    # at +MASK_INIT = 1 the model carries sigmoid(1) = 73% of the change, not all of it
+    assert seen[0] != pytest.approx(expected, abs=1e-6)
+    seen.clear()
+    monkeypatch.setattr(graft_module, "MASK_INIT", 30.0)
+    learned_order(base, weights, changes, loss_of, n, steps=1)
+    assert seen[0] == pytest.approx(expected, rel=1e-5)
 
 
 def test_locate_counts_by_block_and_module():
@@ -324,7 +391,8 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     from madlens.models.tiny import tiny_model
     from madlens.tasks import build_task
 
-    monkeypatch.setattr(graft_module, "QUICK", graft_module.Budget((1e-2, 1.0), 2, (1e-2,)))
+    monkeypatch.setattr(graft_module, "QUICK", graft_module.Budget((1e-2, 1.0), 2, (1e-2,),
+                                                                   (1e-2,), 2))  # fmt: skip
     monkeypatch.setattr(steer_module, "QUICK", steer_module.Budget((0.5,), (0.0, 2.0), 2, 3))
     _, doc = run_lab("graft", tmp_path / "g", quick=True, progress=False, device="cpu",
                      model="tiny-test")  # fmt: skip
@@ -334,6 +402,11 @@ def test_graft_and_steer_run_on_tiny_test(tmp_path, monkeypatch):
     rows = {(r["selection"], r["fraction"]): r for r in f["rows"]}
     assert rows["magnitude", 0.01]["k"] == rows["random", 0.01]["k"] == round(0.01 * n)
     assert rows["magnitude", 1.0]["k"] == f["n_changed"]
+    learned = rows["learned", 0.01]
+    assert (
+        learned["k"] == rows["magnitude", 0.01]["k"] and 0 <= learned["overlap_with_magnitude"] <= 1
+    )
+    assert "mask learned as in the paper at 1%" in doc["verdict"]
     assert len(f["mahalanobis_auroc_by_layer"]["all"]) == 2
     assert "<svg" in (tmp_path / "g" / "lab.html").read_text()
     grafted = f["adapter"]

