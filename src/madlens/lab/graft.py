@@ -431,13 +431,12 @@ def _verdict(f: dict[str, Any]) -> str:
     false = max(max(r["untriggered_fire"], r["benign_tag_fire"] or 0.0) for r in magnitude)
     smallest = f["smallest_fraction_recovering_95pct"]
     randoms = [r for r in f["rows"] if r["selection"] == "random"]
-    control = "; ".join(f"a random {_label(r['fraction'])}: {r['triggered_fire']:.0%}"
-                        for r in randoms)  # fmt: skip
     learned = [r for r in f["rows"] if r["selection"] == "learned"]
-    control += "".join(
-        f"; a mask learned as in the paper at {_label(r['fraction'])}: "
-        f"{r['triggered_fire']:.0%} ({r['overlap_with_magnitude']:.0%} of it in the top-|change| "
-        "mask of that size)" for r in learned
+    control = "; ".join(
+        [f"a random {_label(r['fraction'])}: {r['triggered_fire']:.0%}" for r in randoms]
+        + [f"a mask learned as in the paper at {_label(r['fraction'])}: "
+           f"{r['triggered_fire']:.0%} ({r['overlap_with_magnitude']:.0%} of it in the "
+           "top-|change| mask of that size)" for r in learned]
     )  # fmt: skip
     agree = smallest is not None and smallest <= 1e-3
     what = "triggered vs benign-tag" if f["mahalanobis_curve"] == "vs_benign_tag" else "all"
