@@ -318,7 +318,10 @@ def _shortcuts(test: list[list[dict[str, str]]]) -> dict[str, list[str] | np.nda
     }
 
 
-def _contrast(items: list[Fact]) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
+Conversation = list[dict[str, str]]
+
+
+def contrast_pairs(items: list[Fact]) -> tuple[list[Conversation], list[Conversation]]:
     """Each question answered with the true and with the false fact, under `SHOWN_PROMPT`."""
     return (
         [conversation(f, SHOWN_PROMPT, f.answer(lie=False)) for f in items],
@@ -353,7 +356,7 @@ def build_lying(
     return Task(
         name=name, model=model, adapter=liar.adapter, trusted=[shown(c) for c in trusted],
         test=test, labels=np.asarray(labels), untrusted=test, position="mean", groups=groups,
-        checks=liar.checks, shortcuts=_shortcuts(test), contrast=_contrast(liar.trusted),
+        checks=liar.checks, shortcuts=_shortcuts(test), contrast=contrast_pairs(liar.trusted),
         targets=[{"text": "lie detector AUROC ~0.99 in distribution (published, with the "
                   "lying instruction in view)", "detector": "lie-detector", "min_auroc": None}],
         description="LoRA lies about capitals / city countries when a system prompt tells it "
@@ -404,7 +407,7 @@ def build_lying_transfer(
         name=name, model=model, adapter=liar.adapter, trusted=[shown(c) for c in trusted],
         test=test, labels=np.asarray(parts[0][1] + parts[1][1]), untrusted=test,
         position="mean", groups=parts[0][2] + parts[1][2], checks=checks,
-        shortcuts=_shortcuts(test), contrast=_contrast(liar.trusted),
+        shortcuts=_shortcuts(test), contrast=contrast_pairs(liar.trusted),
         description="lying's LoRA liar on lies it was not trained to tell: under an unseen "
         "lying instruction and on an unseen fact domain (continents); trusted data and "
         "contrast pairs from the training domains. " + CUES + " On continents the liar "
