@@ -322,6 +322,103 @@ def test_steered_answers_differ_and_a_zero_vector_is_the_plain_answer(tiny, tmp_
     assert len(list((tmp_path / "generations").iterdir())) == 2
 
 
+def test_one_steering_vector_per_row_is_each_rows_own_steering(tiny, tiny_hf):
+    """A batch x width vector adds row i's vector to row i's block output (the plain HF
+    hidden state + v_i, the reference)."""
+    ids = tiny.tokenizer(["hello there world", "a b c d e f g h i"], return_tensors="pt").input_ids
+    assert ids.shape[0] == 2  # the same length, no padding
+    vectors = np.random.default_rng(3).standard_normal((2, tiny.d_model)).astype(np.float32)
+    seen = {}
+    block = tiny.hf_model.model.layers[0]
+    with torch.no_grad():
+        plain = tiny_hf(ids, output_hidden_states=True).hidden_states[1]
+        with residual_steering(tiny, 0, vectors):
+            handle = block.register_forward_hook(lambda m, i, o: seen.update(out=o.clone()))
+            tiny.hf_model(ids)
+            handle.remove()
+    torch.testing.assert_close(seen["out"], plain + torch.from_numpy(vectors)[:, None, :],
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_steered_answers_with_a_vector_per_row_match_one_vector_each(tiny, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    conv = [{"role": "user", "content": "hello there"}]
+    big = np.full(tiny.d_model, 50.0, dtype=np.float32)
+    alone = [steered_answers(tiny, [conv], 0, v, max_new_tokens=4)[0] for v in (0 * big, big)]
+    assert alone[0] != alone[1]
+    together = steered_answers(tiny, [conv, conv], 0, np.stack([0 * big, big]), max_new_tokens=4)
+    assert together == alone
+    with pytest.raises(MadlensError, match="3 steering vectors for 2 prompts"):
+        steered_answers(tiny, [conv, conv], 0, np.zeros((3, tiny.d_model)), max_new_tokens=4)
+
+
+def test_a_sweep_is_each_condition_steered_on_its_own(tiny, tmp_path, monkeypatch):
+    """Rates and examples of the batched sweep against `steered_answers` called per side,
+    direction and c (+c on the first side, -c on the second)."""
+    from madlens.lab.steer import sweep
+    from madlens.models import resid_post
+
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    rng = np.random.default_rng(0)
+    found = {resid_post(1): {n: rng.standard_normal(tiny.d_model) * 30 for n in ("a", "b")}}
+    convs = [[{"role": "user", "content": q}] for q in ("hello there", "one two three four")]
+    sides = {"up": (1.0, convs), "down": (-1.0, convs[::-1])}
+
+    def rate(answers: list[str]) -> float:
+        return float(sum(len(a) for a in answers))
+
+    rates, examples = sweep(tiny, found, [1], ["a", "b"], [0.0, 1.0], sides, rate, 4, False)
+    for name in ("a", "b"):
+        for i, c in enumerate((0.0, 1.0)):
+            for side, (sign, prompts) in sides.items():
+                vector = sign * c * found[resid_post(1)][name]
+                alone = steered_answers(tiny, prompts, 1, vector, max_new_tokens=4)
+                assert rates["1"][name][side][i] == rate(alone)
+                example = next(e for e in examples if e["direction"] == name and e["c"] == c)
+                assert example[side] == alone[0]
+
+
+def test_truth_verdict_with_the_honest_way_only():
+    """Without a liar the verdict reads the one way: agreement when the mean difference
+    halves the honest model's truthfulness and the random control does not."""
+    from madlens.lab.steer import _truth_verdict
+
+    def rates(md: list[float], rnd: list[float]) -> dict:
+        flat = [1.0, 1.0, 1.0]
+        return {"truth-mean-diff": {"honest_minus": md}, "ccs": {"honest_minus": flat},
+                "random": {"honest_minus": rnd}}  # fmt: skip
+
+    agree = _truth_verdict(rates([1.0, 0.9, 0.4], [1.0, 1.0, 0.9]), [0.0, 1.0, 2.0], "15")
+    assert "Agrees" in agree and "c = 2" in agree and "told to lie" not in agree
+    assert "from 100% to 40%" in agree and "control's to 90%" in agree and "honesty" not in agree
+    damage = _truth_verdict(rates([1.0, 0.9, 0.4], [1.0, 0.8, 0.4]), [0.0, 1.0, 2.0], "15")
+    assert "Does not reproduce" in damage and "mean-diff 60%" in damage
+
+
+def test_truth_steering_without_a_liar_steers_the_base_model(tmp_path, monkeypatch):
+    """c = 0 is the base model's plain greedy answers on the facts, counted by hand; a model
+    that knows too few facts is one clear error when checked."""
+    from madlens.data import format_chat
+    from madlens.lab.steer import TRUTH_TOKENS, base_facts, truth_steering
+    from madlens.models import generate, load_model
+    from madlens.tasks.lying import HONEST_PROMPT, conversation, is_true
+
+    monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
+    truth = truth_steering("tiny-test", [1], [0.0, 2.0], 3, 0, False, "cpu", liar=False)
+    assert truth["sides"] == ["honest_minus"] and truth["adapter"] is None
+    assert set(truth["rates"]["1"]) == {"truth-mean-diff", "ccs", "random"}  # no honesty
+    base = load_model("tiny-test", device="cpu")
+    items, known = base_facts(base, 3, 0, False, check=False)
+    assert len(items) == truth["n_facts"] == 3 and not set(items) & set(known)
+    prompts = [format_chat(base.tokenizer, conversation(f, HONEST_PROMPT)) for f in items]
+    answers = generate(base, prompts, max_new_tokens=TRUTH_TOKENS)
+    expected = sum(is_true(f, a) for f, a in zip(items, answers)) / 3
+    assert truth["rates"]["1"]["random"]["honest_minus"][0] == pytest.approx(expected)
+    with pytest.raises(MadlensError, match="knows only"):
+        base_facts(base, 3, 0, False, check=True)
+
+
 # --- steering: the truth direction and the truthful rate ---------------------------------
 
 

@@ -153,13 +153,16 @@ def is_true(fact: Fact, answer: str) -> bool:
 
 
 def known_facts(
-    model: object, domain: str, seed: int = 0, progress: bool = True, limit: int = 400
-) -> list[Fact]:
-    """The facts of `domain` the model itself answers correctly under the honest prompt,
-    among a seeded sample of at most `limit` (asking about all 1,171 cities costs minutes)."""
+    model: object, domain: str, seed: int = 0, progress: bool = True, limit: int = 400,
+    max_new_tokens: int = 16,
+) -> list[Fact]:  # fmt: skip
+    """The facts of `domain` the model itself answers correctly under the honest prompt
+    (greedy, within `max_new_tokens`), among a seeded sample of at most `limit` (asking about
+    all 1,171 cities costs minutes)."""
     pool = facts(domain, seed)
     pool = random.Random(seed).sample(pool, min(limit, len(pool)))
-    answers = cached_generate(model, [conversation(f, HONEST_PROMPT) for f in pool], 16, progress)
+    prompts = [conversation(f, HONEST_PROMPT) for f in pool]
+    answers = cached_generate(model, prompts, max_new_tokens, progress)
     return [f for f, a in zip(pool, answers) if is_true(f, a)]
 
 
