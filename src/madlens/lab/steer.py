@@ -107,7 +107,8 @@ def residual_steering(model: Any, layer: int, vector: Any) -> Iterator[None]:
 
 
 #: Rows per steered generate call: a sweep's directions and multiples share one batch
-#: (batches of 64 generated 1.45x faster than of 16 on the 2-core CPU, 2026-12-01).
+#: (`benchmarks/steer_batch.py`, 2-core CPU: 0.92x the time of 16-row calls for the
+#: backdoor read-out, 0.75x for the truthfulness one).
 STEER_BATCH = 64
 
 
@@ -122,8 +123,6 @@ def steered_answers(
     """Greedy answers with `vector` (one for all, or one row per conversation) added after
     block `layer`, cached like `cached_generate` (model fingerprint, dtype, device type,
     prompts, length) plus the layer and the vectors."""
-    from tqdm.auto import tqdm
-
     vectors = np.asarray(vector, dtype=np.float32) + np.float32(0)  # -0 x v is 0 x v's entry
     if vectors.ndim == 2 and len(vectors) != len(conversations):
         raise MadlensError(f"{len(vectors)} steering vectors for {len(conversations)} prompts")
@@ -135,15 +134,32 @@ def steered_answers(
 
     def answer() -> list[str]:
         prompts = [format_chat(model.tokenizer, conv) for conv in conversations]
-        out: list[str] = []
-        for start in tqdm(range(0, len(prompts), STEER_BATCH), desc="steer", disable=not progress):
-            rows = slice(start, start + STEER_BATCH)
-            with residual_steering(model, layer, vectors[rows]):
-                out += generate(model, prompts[rows], max_new_tokens=max_new_tokens,
-                                batch_size=STEER_BATCH)  # fmt: skip
-        return [a.strip() for a in out]
+        return steered_generate(model, prompts, layer, vectors, max_new_tokens, STEER_BATCH,
+                                progress)  # fmt: skip
 
     return cache.load_or_compute(cache.folder("generations") / f"{name}.json", answer)
+
+
+def steered_generate(
+    model: Any,
+    prompts: list[str],
+    layer: int,
+    vectors: np.ndarray,
+    max_new_tokens: int,
+    batch_size: int = STEER_BATCH,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of formatted `prompts`, row i steered by `vectors[i]` after block
+    `layer`, `batch_size` rows a `generate` call (uncached; `steered_answers` caches)."""
+    from tqdm.auto import tqdm
+
+    out: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="steer", disable=not progress):
+        rows = slice(start, start + batch_size)
+        with residual_steering(model, layer, vectors[rows]):
+            out += generate(model, prompts[rows], max_new_tokens=max_new_tokens,
+                            batch_size=batch_size)  # fmt: skip
+    return [a.strip() for a in out]
 
 
 def sweep(
