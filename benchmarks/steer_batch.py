@@ -1,7 +1,8 @@
-"""Seconds per steered answer in `lab steer`'s sweeps: a sweep's conditions generated 16
-rows a call (one steering vector for all, as before) and 64 rows a call (one vector per
-row, `lab.steer.STEER_BATCH`), interleaved in one process (these machines are noisy: the
-ratio is the figure that carries over).
+"""Seconds per steered answer in `lab steer`'s sweeps: 16 rows a `generate` call (the batch
+of the one-call-per-direction-and-multiple sweep before) and 64 (`lab.steer.STEER_BATCH`,
+a layer's conditions together), each row with its own vector in both arms (adding it costs
+nothing against the forward), interleaved in one process, the order alternating by round
+(these machines are noisy: the ratio is the figure that carries over).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/steer_batch.py --rows 128 --rounds 2
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/steer_batch.py --read-out truth
@@ -49,8 +50,8 @@ def main() -> None:
     vectors *= 39.0 / np.linalg.norm(vectors, axis=1, keepdims=True)
     steered_generate(model, prompts[:4], args.layer, vectors[:4], tokens, 4)  # warm-up
     times: dict[int, list[float]] = {16: [], STEER_BATCH: []}
-    for _ in range(args.rounds):
-        for batch in times:
+    for round_ in range(args.rounds):
+        for batch in list(times)[:: 1 if round_ % 2 == 0 else -1]:
             start = time.perf_counter()
             steered_generate(model, prompts, args.layer, vectors, tokens, batch)
             times[batch].append((time.perf_counter() - start) / args.rows)

@@ -326,7 +326,6 @@ def test_one_steering_vector_per_row_is_each_rows_own_steering(tiny, tiny_hf):
     """A batch x width vector adds row i's vector to row i's block output (the plain HF
     hidden state + v_i, the reference)."""
     ids = tiny.tokenizer(["hello there world", "a b c d e f g h i"], return_tensors="pt").input_ids
-    assert ids.shape[0] == 2  # the same length, no padding
     vectors = np.random.default_rng(3).standard_normal((2, tiny.d_model)).astype(np.float32)
     seen = {}
     block = tiny.hf_model.model.layers[0]
@@ -356,8 +355,9 @@ def test_steered_answers_with_a_vector_per_row_match_one_vector_each(tiny, tmp_p
 def test_a_sweep_is_each_condition_steered_on_its_own(tiny, tmp_path, monkeypatch):
     """Rates and examples of the batched sweep against `steered_answers` called per side,
     direction and c (+c on the first side, -c on the second)."""
+    from madlens.data import format_chat
     from madlens.lab.steer import sweep
-    from madlens.models import resid_post
+    from madlens.models import generate, resid_post
 
     monkeypatch.setenv("MADLENS_HOME", str(tmp_path))
     rng = np.random.default_rng(0)
@@ -365,18 +365,30 @@ def test_a_sweep_is_each_condition_steered_on_its_own(tiny, tmp_path, monkeypatc
     convs = [[{"role": "user", "content": q}] for q in ("hello there", "one two three four")]
     sides = {"up": (1.0, convs), "down": (-1.0, convs[::-1])}
 
-    def rate(answers: list[str]) -> float:
-        return float(sum(len(a) for a in answers))
+    def rate(answers: list[str]) -> float:  # the answers' index in `seen`
+        seen.append(list(answers))
+        return float(len(seen) - 1)
 
+    seen: list[list[str]] = []
     rates, examples = sweep(tiny, found, [1], ["a", "b"], [0.0, 1.0], sides, rate, 4, False)
+    # one cached call: 2 sides x (c = 0 once + 2 directions at c = 1) x 2 prompts = 12 rows
+    (cached,) = [json.loads(f.read_text()) for f in (tmp_path / "generations").iterdir()]
+    assert len(cached) == 12
+    reference = {}
     for name in ("a", "b"):
         for i, c in enumerate((0.0, 1.0)):
             for side, (sign, prompts) in sides.items():
                 vector = sign * c * found[resid_post(1)][name]
-                alone = steered_answers(tiny, prompts, 1, vector, max_new_tokens=4)
-                assert rates["1"][name][side][i] == rate(alone)
+                # the plain HF generate under the one-vector hook, two rows a call as the sweep
+                with residual_steering(tiny, 1, vector):
+                    texts = generate(tiny, [format_chat(tiny.tokenizer, p) for p in prompts],
+                                     max_new_tokens=4)  # fmt: skip
+                alone = [t.strip() for t in texts]
+                reference[name, c, side] = alone
+                assert seen[int(rates["1"][name][side][i])] == alone
                 example = next(e for e in examples if e["direction"] == name and e["c"] == c)
                 assert example[side] == alone[0]
+    assert reference["a", 1.0, "up"] != reference["a", 0.0, "up"]  # steering did something
 
 
 def test_truth_verdict_with_the_honest_way_only():
@@ -394,6 +406,12 @@ def test_truth_verdict_with_the_honest_way_only():
     assert "from 100% to 40%" in agree and "control's to 90%" in agree and "honesty" not in agree
     damage = _truth_verdict(rates([1.0, 0.9, 0.4], [1.0, 0.8, 0.4]), [0.0, 1.0, 2.0], "15")
     assert "Does not reproduce" in damage and "mean-diff 60%" in damage
+    # half gone but the control's 40% too: no margin over it, so no agreement
+    close = _truth_verdict(rates([1.0, 0.9, 0.4], [1.0, 0.9, 0.6]), [0.0, 1.0, 2.0], "15")
+    assert "Does not reproduce" in close
+    # 40% gone against the control's 5%: beyond it, but not by half
+    part = _truth_verdict(rates([1.0, 0.8, 0.6], [1.0, 1.0, 0.95]), [0.0, 1.0, 2.0], "15")
+    assert "Partly agrees" in part and "the one way measured" in part
 
 
 def test_truth_steering_without_a_liar_steers_the_base_model(tmp_path, monkeypatch):
@@ -415,6 +433,8 @@ def test_truth_steering_without_a_liar_steers_the_base_model(tmp_path, monkeypat
     answers = generate(base, prompts, max_new_tokens=TRUTH_TOKENS)
     expected = sum(is_true(f, a) for f, a in zip(items, answers)) / 3
     assert truth["rates"]["1"]["random"]["honest_minus"][0] == pytest.approx(expected)
+    first = truth["examples"][0]
+    assert first["c"] == 0 and first["honest_minus"] == answers[0].strip()
     with pytest.raises(MadlensError, match="knows only"):
         base_facts(base, 3, 0, False, check=True)
 
