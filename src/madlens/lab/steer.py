@@ -124,8 +124,7 @@ def steered_answers(
         raise MadlensError(f"{len(vectors)} steering vectors for {len(conversations)} prompts")
     vectors = np.array(np.broadcast_to(vectors, (len(conversations), vectors.shape[-1])))
     name = cache.key(model=model.fingerprint, dtype=str(model.dtype), prompts=conversations,
-                     max_new_tokens=max_new_tokens, steer_layer=layer,
-                     steer_vectors=np.ascontiguousarray(vectors),
+                     max_new_tokens=max_new_tokens, steer_layer=layer, steer_vectors=vectors,
                      **device_key(model.device))  # fmt: skip
 
     def answer() -> list[str]:
@@ -343,18 +342,19 @@ def truth_steering(
         contrast, honest_transcripts = task.contrast, task.trusted
         items = held_out_facts(task, n_facts, seed)
         adapter = Path(task.adapter).name if task.adapter else None
+        # the honesty contrast: it needs a model that follows the lying prompts
+        told = lie_systems(len(known))
+        instructed = ([conversation(f, HONEST_PROMPT) for f in known],
+                      [conversation(f, s) for f, s in zip(known, told)])  # fmt: skip
     else:
         subject = load_model(model, device=device)
         items, known = base_facts(subject, n_facts, seed, progress, check=model != "tiny-test")
         # the trusted facts' true statements stand for its honest transcripts (CCS's sign)
         contrast = contrast_pairs(known)
-        honest_transcripts, adapter = contrast[0], None
+        honest_transcripts, adapter, instructed = contrast[0], None, None
     hooks = [resid_post(layer) for layer in layers]
-    # the honesty contrast needs a model that follows the lying prompts: only with the liar
-    instructed = ([conversation(f, HONEST_PROMPT) for f in known],
-                  [conversation(f, s) for f, s in zip(known, lie_systems(len(known)))])  # fmt: skip
-    found = truth_directions(subject, contrast, honest_transcripts,
-                             instructed if liar else None, hooks, seed, progress)  # fmt: skip
+    found = truth_directions(subject, contrast, honest_transcripts, instructed, hooks, seed,
+                             progress)  # fmt: skip
     names = [n for n in TRUTH_DIRECTIONS if n in found[hooks[0]]]
     sides = {"honest_minus": (-1.0, [conversation(f, HONEST_PROMPT) for f in items])}
     if liar:
