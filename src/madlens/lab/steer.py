@@ -103,7 +103,7 @@ def residual_steering(model: Any, layer: int, vector: Any) -> Iterator[None]:
 
 
 #: Rows per steered generate call: a sweep's directions and multiples share one batch
-#: (`benchmarks/steer_batch.py`, 2-core CPU: 0.92x the time of 16-row calls for the
+#: (`benchmarks/steer_batch.py`, 2-core CPU: 0.85x the time of 16-row calls for the
 #: backdoor read-out, 0.75x for the truthfulness one).
 STEER_BATCH = 64
 
