@@ -56,6 +56,10 @@ def test_results_json_follows_the_contract(bench_run):
     mahalanobis_hooks = {r["hook"] for r in saved["rows"] if r["detector"] == "mahalanobis"}
     assert mahalanobis_hooks == {*hooks, "+".join(hooks)}
     assert {r["hook"] for r in saved["rows"] if r["detector"] == "perplexity"} == {"output"}
+    exclusion = [r for r in saved["rows"] if r["detector"] == "exclusion-probe"]
+    assert [(r["status"], r["reason"]) for r in exclusion] == [
+        ("n/a", "the task has no measurements (Task.measured)")
+    ]
 
 
 def test_metrics_equal_sklearn_on_the_stored_scores(bench_run):

@@ -173,6 +173,29 @@ def test_top_hook_is_where_the_anomaly_is(tiny):
     assert verdict.scores["mahalanobis"][10:].min() > verdict.scores["mahalanobis"][:10].max()
 
 
+def test_measurements_reach_the_exclusion_probe_on_the_fit_split(tiny, prompts):
+    import madlens.detectors as D
+
+    trusted, untrusted = prompts[:40], prompts[40:60]
+    m_t, m_u = np.arange(40) % 2, np.arange(20) % 3 == 0
+    monitor = Monitor(tiny, hooks=HOOKS[:1], detectors=["exclusion-probe"], holdout=0.25,
+                      progress=False).fit(trusted, untrusted, measured=(m_t, m_u))  # fmt: skip
+    fit_idx, _ = monitor._split(40)
+    acts = monitor.features(trusted).take(fit_idx).acts[HOOKS[0]]
+    direct = D.ExclusionProbe().fit(acts, monitor.features(untrusted).acts[HOOKS[0]],
+                                    measured=(m_t[fit_idx], m_u))  # fmt: skip
+    learned = monitor.fitted_["exclusion-probe"]
+    np.testing.assert_allclose(learned.direction_, direct.direction_)
+    with pytest.raises(MadlensError, match="reads measurements: fit it with measured="):
+        Monitor(tiny, hooks=HOOKS, detectors=["exclusion-probe"], progress=False).fit(
+            trusted, untrusted
+        )
+    with pytest.raises(MadlensError, match="measured: 39 values for 40 trusted inputs"):
+        Monitor(tiny, hooks=HOOKS, detectors=["exclusion-probe"], progress=False).fit(
+            trusted, untrusted, measured=(m_t[:39], m_u)
+        )
+
+
 def test_bad_input_is_one_line(tiny, prompts, tmp_path):
     with pytest.raises(MadlensError, match="unknown detector"):
         Monitor(tiny, detectors=["nope"])

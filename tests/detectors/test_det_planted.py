@@ -63,6 +63,7 @@ SCENARIOS = {
     "isolation-forest": mean_shift,
     "pca-residual": rare_direction,
     "defection-probe": mean_shift,
+    "exclusion-probe": mean_shift,
     "refusal-direction": mean_shift,
     "mass-mean-probe-skyline": mean_shift,
     "logistic-probe-skyline": mean_shift,
@@ -114,6 +115,11 @@ def test_activation_detector_separates_planted_anomaly(name, multi_hook):
         fit_inputs["labels"] = LABELS
     if "contrast" in D.DETECTORS[name].fit_requires():
         fit_inputs["contrast"] = contrast_for(name, seed, concept)
+    if "measured" in D.DETECTORS[name].fit_requires():
+        # A trusted row's measurements all read positive when it sits below the trusted mean
+        # along the concept; every test row reads positive (so all are excluded): the
+        # anomalies, far along the concept, are positives the head cannot explain.
+        fit_inputs["measured"] = ((trusted - trusted.mean(0)) @ concept < 0, np.ones(len(test)))
     if multi_hook:
         # a second hook that only carries noise, at another scale: aggregation must cope
         noise = rng.normal(size=(N_TRUSTED + 2 * N_TEST, D_MODEL)) * 100 + 7

@@ -63,6 +63,8 @@ def unavailable(name: str, task: Task) -> str | None:
     cls = DETECTORS[name]
     if cls.contrast_source == "task" and task.contrast is None:
         return "the task has no contrast pairs (Task.contrast)"
+    if cls.reads_measurements and task.measured is None:
+        return "the task has no measurements (Task.measured)"
     return cls.cannot_read(task.test)
 
 
@@ -99,6 +101,7 @@ def _fit_score(
     labels: np.ndarray,
     contrast: dict[str, ContrastPairs],
     seed: int,
+    measured: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Fit a one-detector monitor and score the test set; returns (scores, fit_s, score_s).
 
@@ -119,7 +122,7 @@ def _fit_score(
             score_s += time.perf_counter() - start
         return scores, fit_s, score_s
     start = time.perf_counter()
-    monitor.fit_features(trusted, untrusted, contrast=contrast)
+    monitor.fit_features(trusted, untrusted, contrast=contrast, measured=measured)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
     scores = monitor.score_features(test).scores[name]
@@ -216,7 +219,7 @@ def run_task(
     ):
         try:
             scores, fit_s, score_s = _fit_score(monitor, x_trusted, x_untrusted, x_test, labels,
-                                                contrast, seed)  # fmt: skip
+                                                contrast, seed, task.measured)  # fmt: skip
         except Exception as exc:  # any failure becomes an `error` row, never a lost row
             result.rows.append(na_row(task, name, _reason(exc), hook=hook, status="error"))
             continue

@@ -12,10 +12,12 @@ CONTRAST = {
 
 
 def needs(cls: type) -> str:
-    """What a detector class reads: its input kind, contrast pairs and untrusted batch."""
+    """What a detector class reads: its input kind, contrast pairs, untrusted batch and
+    measurements."""
     kind = {"transcripts": "transcripts (queries the model)"}.get(cls.input_kind, cls.input_kind)
     untrusted = " + untrusted batch" if cls.uses_untrusted else ""
-    return f"{kind}{CONTRAST.get(cls.contrast_source, '')}{untrusted}"
+    measured = " + measurements" if cls.reads_measurements else ""
+    return f"{kind}{CONTRAST.get(cls.contrast_source, '')}{untrusted}{measured}"
 
 
 @app.command("list")

@@ -25,7 +25,7 @@ from madlens.detectors.gaussian import (
 from madlens.detectors.knn import KNN
 from madlens.detectors.lie_detector import LieDetector, elicitation_features
 from madlens.detectors.output import MSP, Energy, Entropy, MaxLogit, Perplexity, WindowedPerplexity
-from madlens.detectors.probes import DefectionProbe, LogisticProbe, MassMeanProbe
+from madlens.detectors.probes import DefectionProbe, ExclusionProbe, LogisticProbe, MassMeanProbe
 from madlens.detectors.refusal import RefusalDirection
 from madlens.detectors.sae import SAERare, SAERecon
 from madlens.detectors.sklearn_detectors import LOF, IsolationForest
@@ -48,6 +48,7 @@ __all__ = [
     "Detector",
     "Energy",
     "Entropy",
+    "ExclusionProbe",
     "IsolationForest",
     "LogisticProbe",
     "Mahalanobis",

@@ -263,6 +263,9 @@ class Detector:
       supervised      True when `fit` sees anomaly labels (`labels=`): such detectors are
                       cross-fitted and always shown apart from label-free ones
       uses_untrusted  True if `fit` needs the unlabeled untrusted batch (QUE, spectral)
+      reads_measurements  True if `fit` needs each trusted and untrusted input's observed
+                      measurements (`measured=`: whether all read positive; the exclusion
+                      probe of measurement-tampering detection)
       reference       the paper or source the detector implements
     `defaults_for(n_trusted)` gives parameters that depend on the trusted-set size.
     """
@@ -274,6 +277,7 @@ class Detector:
     contrast_source: ClassVar[str] = "none"
     supervised: ClassVar[bool] = False
     uses_untrusted: ClassVar[bool] = False
+    reads_measurements: ClassVar[bool] = False
     reference: ClassVar[str] = ""
     # Learned attributes that are rebuilt by `_after_load` instead of being saved.
     _unsaved: ClassVar[tuple[str, ...]] = ()
@@ -289,9 +293,11 @@ class Detector:
     @classmethod
     def fit_requires(cls) -> tuple[str, ...]:
         """The keyword inputs `fit` needs, from the declarations: `labels` (supervised),
-        `contrast` (any contrast source)."""
-        return (("labels",) if cls.supervised else ()) + (
-            ("contrast",) if cls.contrast_source != "none" else ()
+        `contrast` (any contrast source), `measured` (reads measurements)."""
+        return (
+            (("labels",) if cls.supervised else ())
+            + (("contrast",) if cls.contrast_source != "none" else ())
+            + (("measured",) if cls.reads_measurements else ())
         )
 
     @classmethod

@@ -22,6 +22,7 @@ from madlens.errors import MadlensError
 
 __all__ = [
     "DefectionProbe",
+    "ExclusionProbe",
     "LogisticProbe",
     "MassMeanProbe",
     "contrast_difference",
@@ -205,3 +206,76 @@ class LogisticProbe(_LinearProbe):
         self.location_ = mean
         self.direction_ = model.coef_[0] / scale
         self.intercept_ = float(model.intercept_[0])
+
+
+class ExclusionProbe(_LinearProbe):
+    """Exclusion fine-tuning's aggregate head on frozen activations: a logistic regression
+    for "every measurement reads positive", trained on the trusted inputs and the untrusted
+    ones with a negative measurement; score = minus its logit. No anomaly labels.
+
+    Roger et al. 2023, "Benchmarks for Detecting Measurement Tampering" (EFT): the untrusted
+    inputs whose measurements all read positive are left out of the aggregate head's loss
+    (in Redwood's code, `excluded_set="dirty-positive"`), so the head learns all-positive
+    only where it means the real thing (trusted data) or where it is absent anyway
+    (untrusted negatives, tampered or not). An input the head does not call positive
+    although its measurements say so is one whose positives another mechanism produced: the
+    anomaly. What is left out here: EFT fine-tunes the model with the head; this fits the
+    head alone on the frozen model's activations (a linear probe, seconds instead of a
+    fine-tune), so it can only read what the measurement predictor already represents.
+
+    `fit(trusted, untrusted, measured=(trusted_positive, untrusted_positive))`: per input,
+    whether all its measurements read positive (observed, e.g. the sensors' readings; not a
+    tampering label). Parameters `C` (inverse L2 strength), `class_weight`, `max_iter`, as in
+    scikit-learn, on standardised activations. Learned: `location_`, `direction_` (minus the
+    coefficients over the scale), `intercept_` (minus the intercept), `n_excluded_`.
+    """
+
+    name = "exclusion-probe"
+    uses_untrusted = True
+    reads_measurements = True
+    param_rules = {"C": real(0), "class_weight": choice("balanced", None), "max_iter": integer(1)}
+    reference = "Roger et al. 2023, Benchmarks for Detecting Measurement Tampering (EFT)"
+
+    def __init__(
+        self,
+        C: float = 1.0,  # noqa: N803 - scikit-learn's name
+        class_weight: str | None = "balanced",
+        max_iter: int = 1000,
+        aggregation: str = "mean",
+    ) -> None:
+        super().__init__(aggregation=aggregation)
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, measured: Any) -> None:
+        positive_t, positive_u = _measured(measured, len(trusted), len(untrusted))
+        keep = ~positive_u  # the exclusion: untrusted all-positive inputs train nothing
+        x = np.concatenate([trusted, untrusted[keep]]).astype(np.float64)
+        y = np.concatenate([positive_t, positive_u[keep]])
+        if y.all() or not y.any():
+            raise MadlensError("exclusion probe: the inputs it trains on need both all-positive "
+                               "and negative measurements")  # fmt: skip
+        mean, scale = x.mean(0), x.std(0)
+        scale[scale == 0] = 1.0
+        model = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
+        model.fit((x - mean) / scale, y)
+        self.location_ = mean
+        self.direction_ = -model.coef_[0] / scale
+        self.intercept_ = -float(model.intercept_[0])
+        self.n_excluded_ = int(positive_u.sum())
+
+
+def _measured(measured: Any, n_trusted: int, n_untrusted: int) -> tuple[np.ndarray, np.ndarray]:
+    """`measured` as two boolean arrays, checked against the trusted and untrusted sizes."""
+    if not isinstance(measured, tuple | list) or len(measured) != 2:
+        raise MadlensError("measured must be (trusted_positive, untrusted_positive)")
+    out = []
+    for values, n, what in zip(measured, (n_trusted, n_untrusted), ("trusted", "untrusted")):
+        values = np.asarray(values).reshape(-1)
+        if len(values) != n:
+            raise MadlensError(f"measured: {len(values)} values for {n} {what} rows")
+        if not np.isin(values, (0, 1)).all():
+            raise MadlensError(f"measured ({what}): 1 (all measurements positive) or 0")
+        out.append(values.astype(bool))
+    return out[0], out[1]

@@ -421,11 +421,14 @@ class Monitor:
         *,
         labels: Sequence[int] | None = None,
         contrast: tuple[Sequence[Input], Sequence[Input]] | None = None,
+        measured: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> Monitor:
         """Fit every detector on the trusted inputs (less the `holdout` kept for
         calibration), the unlabeled `untrusted` batch for detectors that use it (QUE,
-        spectral signatures; with `labels`, the training set of supervised probes), and
-        `contrast` pairs for detectors that read a task's own pairs (CCS)."""
+        spectral signatures; with `labels`, the training set of supervised probes),
+        `contrast` pairs for detectors that read a task's own pairs (CCS), and `measured`
+        (per trusted and per untrusted input, whether all its measurements read positive)
+        for detectors that read measurements (the exclusion probe)."""
         trusted = list(trusted)
         if not trusted:
             raise MadlensError("no trusted inputs to fit on")
@@ -436,9 +439,15 @@ class Monitor:
             DETECTORS[d].uses_untrusted or DETECTORS[d].supervised for d in self.detectors
         ):
             untrusted_feats = self.features(list(untrusted))
+        if measured is not None:
+            trusted_measured = np.asarray(measured[0])
+            if len(trusted_measured) != len(trusted):
+                raise MadlensError(f"measured: {len(trusted_measured)} values for "
+                                   f"{len(trusted)} trusted inputs")  # fmt: skip
+            measured = (trusted_measured[fit_idx], measured[1])
         self.fit_features(
             feats.take(fit_idx), untrusted_feats, labels=labels,
-            contrast=self.contrast_features(contrast),
+            contrast=self.contrast_features(contrast), measured=measured,
         )  # fmt: skip
         if len(cal_idx):
             self._set_calibration(self.score_features(feats.take(cal_idx)))
@@ -460,6 +469,7 @@ class Monitor:
         *,
         labels: Sequence[int] | None = None,
         contrast: dict[str, ContrastPairs] | None = None,
+        measured: tuple[Sequence[int], Sequence[int]] | None = None,
     ) -> Monitor:
         """Fit every detector on features already read (what `fit` calls after `features`)."""
         self.fitted_, self.calibration_, self.thresholds_, self.fpr_ = {}, {}, None, None
@@ -489,6 +499,10 @@ class Monitor:
                 if untrusted is None:
                     raise MadlensError(f"{name} fits on the unlabeled untrusted batch: give one")
                 other = self._input(cls, untrusted)
+            if cls.reads_measurements:
+                if measured is None:
+                    raise MadlensError(f"{name} reads measurements: fit it with measured=")
+                extra["measured"] = (np.asarray(measured[0]), np.asarray(measured[1]))
             self.fitted_[name] = det.fit(self._input(cls, trusted), other, **extra)
         return self
 

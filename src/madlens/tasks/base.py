@@ -40,6 +40,11 @@ class Task:
     that share its shortcuts (role-play attacks <-> benign role-play requests): that group's
     rows (`task/group`) compare it with those normals only; a group not named there is
     compared with every normal.
+
+    `measured` holds, where the model predicts observable measurements (sensor readings),
+    whether all of each trusted and of each untrusted input's measurements read positive:
+    `(trusted, untrusted)`, row-aligned with `trusted` and `untrusted`. It is observed, not a
+    label of the mechanism: the exclusion probe reads it. None for the other tasks.
     """
 
     name: str
@@ -57,6 +62,7 @@ class Task:
     contrast: tuple[list[Input], list[Input]] | None = None
     shortcuts: dict[str, list[str] | np.ndarray] = field(default_factory=dict)
     controls: dict[str, list[str]] = field(default_factory=dict)
+    measured: tuple[np.ndarray, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -75,6 +81,13 @@ class Task:
                 raise MadlensError(
                     f"task {self.name}: shortcut '{cue}' has {len(view)} rows for "
                     f"{len(self.test)} test inputs"
+                )
+        if self.measured is not None:
+            sizes = (len(self.trusted), len(self.untrusted or []))
+            if self.untrusted is None or tuple(len(m) for m in self.measured) != sizes:
+                raise MadlensError(
+                    f"task {self.name}: measured needs one value per trusted and per untrusted "
+                    f"input ({sizes[0]} and {sizes[1]})"
                 )
         if self.groups is None:
             self.groups = ["normal" if y == 0 else "anomalous" for y in self.labels]

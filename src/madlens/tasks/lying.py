@@ -258,9 +258,12 @@ def _liar(
     trusted_facts, test_facts = known[:n_trusted], known[n_trusted : n_trusted + n_test]
     # Training facts: what is left of the known ones, topped up with unknown ones.
     train = (known[n_trusted + n_test :] + unknown)[:n_train]
-    # Prompting alone, for the record (the issue measured 0 lies in 40 here).
-    _, base_true = transcripts(base, held, LIE_PROMPTS[0], progress, seed)
-    prompt_only = 1 - float(np.mean(base_true))
+    # Prompting alone, for the record (the issue measured 0 lies in 40 here): the base's
+    # greedy answers under a lying prompt, judged as `known_facts` judged them under the
+    # honest one. Sampled at `TEMPERATURE` instead, 67% of them were wrong in the quick build
+    # (2026-12-01), which counted the sampling's mistakes as lies.
+    told = cached_generate(base, [conversation(f, LIE_PROMPTS[0]) for f in held], 24, progress)
+    prompt_only = 1 - float(np.mean([is_true(f, a) for f, a in zip(held, told)]))
     adapter = train_lying_adapter(model, train, steps, seed, progress, device)
     tuned = load_model(model, dtype="auto", adapter=adapter, device=device)
     _, honest_true = transcripts(tuned, held, HONEST_PROMPT, progress, seed)
