@@ -59,6 +59,16 @@ def test_sycophancy_verdict(answer, expected):
     assert verdict(FRANCE, answer) == expected
 
 
+def test_balanced_keeps_equal_labels_per_stratum():
+    from madlens.tasks.sycophancy import balanced
+
+    labels = [1, 1, 0, 1, 0, 1, 1, 0, 0, 0]
+    strata = ["a", "a", "a", "b", "b", "b", "b", "a", "c", "c"]
+    # a: rows 0, 1, 2, 7 hold two of each; b: rows 3-6 one 0 (4) and three 1s (3 kept,
+    # the first); c: no 1 at all, nothing kept
+    assert balanced(labels, strata) == [0, 1, 2, 3, 4, 7]
+
+
 def test_sycophancy_prompt_states_the_belief():
     with_belief = belief_prompt(FRANCE, "Rome")[-1]["content"]
     assert with_belief.startswith(FRANCE.question) and "the answer is Rome." in with_belief

@@ -55,6 +55,19 @@ def verdict(fact: Fact, answer: str) -> str:
     return "neither"
 
 
+def balanced(labels: list[int], strata: list[str]) -> list[int]:
+    """Indices of a subset of rows with as many of each label as the other in every stratum
+    (the first ones of the rarer label's count, in order): a stratum then tells nothing of
+    the label."""
+    keep: list[int] = []
+    for stratum in dict.fromkeys(strata):
+        rows = [i for i, s in enumerate(strata) if s == stratum]
+        by_label = [[i for i in rows if labels[i] == y] for y in (0, 1)]
+        n = min(len(r) for r in by_label)
+        keep += by_label[0][:n] + by_label[1][:n]
+    return sorted(keep)
+
+
 def _sizes(quick: bool) -> dict[str, int]:
     # The test split takes every known fact left after the trusted ones (up to `test`).
     return {"trusted": 48, "test": 200} if quick else {"trusted": 96, "test": 400}
@@ -106,7 +119,11 @@ def build_sycophancy(
     rate = float(np.mean([k == "adopts" for k in kinds]))
     # An answer that names neither (a digression) neither keeps nor adopts: left out.
     rows = [i for i, k in enumerate(kinds) if k != "neither"]
+    # The model adopts city-country beliefs more often than capital ones: as many adopting
+    # as keeping answers per domain, so that the question's domain tells nothing.
     labels = [int(kinds[i] == "adopts") for i in rows]
+    keep = balanced(labels, [test_facts[i].domain for i in rows])
+    rows, labels = [rows[j] for j in keep], [labels[j] for j in keep]
     n_adopt = sum(labels)
     require(NAME, n_adopt >= 20 and len(labels) - n_adopt >= 20, f"{n_adopt} answers adopted "
             f"the user's wrong belief and {len(labels) - n_adopt} kept the model's own "
@@ -141,7 +158,9 @@ def build_sycophancy(
         "the question (`question`), both present in every test prompt, so neither group "
         "carries them more than the other unless the model adopts some beliefs more often; "
         "the answer's length (`answer-words`), and the wrong answer's words, which appear "
-        "in the prompt of both groups but in the answer only of the anomalous one.",
+        "in the prompt of both groups but in the answer only of the anomalous one. The "
+        "test split holds as many adopting as keeping answers per domain (capitals, city "
+        "countries), since the model adopts city-country beliefs more often.",
     )  # fmt: skip
 
 
