@@ -171,18 +171,10 @@ class MassMeanProbe(_LinearProbe):
         self.direction_ = _unit(anomalous - normal, "mass-mean probe")
 
 
-class LogisticProbe(_LinearProbe):
-    """Supervised skyline: logistic regression on standardised activations; score = logit.
+class _LogisticHead(_LinearProbe):
+    """A linear probe fitted by an L2 logistic regression on standardised activations."""
 
-    `fit(trusted, untrusted, labels=...)`. Parameters: `C` (inverse L2 strength, 1.0),
-    `class_weight` ("balanced" by default, since trusted rows usually outnumber anomalies),
-    `max_iter`. Learned: `location_` (mean), `direction_` (coefficients / scale), `intercept_`.
-    """
-
-    name = "logistic-probe-skyline"
     param_rules = {"C": real(0), "class_weight": choice("balanced", None), "max_iter": integer(1)}
-    supervised = True
-    reference = "logistic regression on activations (supervised ceiling)"
 
     def __init__(
         self,
@@ -196,19 +188,35 @@ class LogisticProbe(_LinearProbe):
         self.class_weight = class_weight
         self.max_iter = max_iter
 
-    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, labels: Any) -> None:
-        x, y = _labelled(trusted, untrusted, labels)
+    def _fit_logit(self, x: np.ndarray, y: np.ndarray, sign: float = 1.0) -> None:
+        """Learn score = sign x the logit of y on `x` (standardised by its mean and scale)."""
         mean = x.mean(0)
         scale = x.std(0)
         scale[scale == 0] = 1.0
         model = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
         model.fit((x - mean) / scale, y)
         self.location_ = mean
-        self.direction_ = model.coef_[0] / scale
-        self.intercept_ = float(model.intercept_[0])
+        self.direction_ = sign * model.coef_[0] / scale
+        self.intercept_ = sign * float(model.intercept_[0])
 
 
-class ExclusionProbe(_LinearProbe):
+class LogisticProbe(_LogisticHead):
+    """Supervised skyline: logistic regression on standardised activations; score = logit.
+
+    `fit(trusted, untrusted, labels=...)`. Parameters: `C` (inverse L2 strength, 1.0),
+    `class_weight` ("balanced" by default, since trusted rows usually outnumber anomalies),
+    `max_iter`. Learned: `location_` (mean), `direction_` (coefficients / scale), `intercept_`.
+    """
+
+    name = "logistic-probe-skyline"
+    supervised = True
+    reference = "logistic regression on activations (supervised ceiling)"
+
+    def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, labels: Any) -> None:
+        self._fit_logit(*_labelled(trusted, untrusted, labels))
+
+
+class ExclusionProbe(_LogisticHead):
     """Exclusion fine-tuning's aggregate head on frozen activations: a logistic regression
     for "every measurement reads positive", trained on the trusted inputs and the untrusted
     ones with a negative measurement; score = minus its logit. No anomaly labels.
@@ -233,20 +241,7 @@ class ExclusionProbe(_LinearProbe):
     name = "exclusion-probe"
     uses_untrusted = True
     reads_measurements = True
-    param_rules = {"C": real(0), "class_weight": choice("balanced", None), "max_iter": integer(1)}
     reference = "Roger et al. 2023, Benchmarks for Detecting Measurement Tampering (EFT)"
-
-    def __init__(
-        self,
-        C: float = 1.0,  # noqa: N803 - scikit-learn's name
-        class_weight: str | None = "balanced",
-        max_iter: int = 1000,
-        aggregation: str = "mean",
-    ) -> None:
-        super().__init__(aggregation=aggregation)
-        self.C = C
-        self.class_weight = class_weight
-        self.max_iter = max_iter
 
     def _fit(self, trusted: np.ndarray, untrusted: np.ndarray | None, measured: Any) -> None:
         positive_t, positive_u = _measured(measured, len(trusted), len(untrusted))
@@ -256,13 +251,7 @@ class ExclusionProbe(_LinearProbe):
         if y.all() or not y.any():
             raise MadlensError("exclusion probe: the inputs it trains on need both all-positive "
                                "and negative measurements")  # fmt: skip
-        mean, scale = x.mean(0), x.std(0)
-        scale[scale == 0] = 1.0
-        model = LogisticRegression(C=self.C, class_weight=self.class_weight, max_iter=self.max_iter)
-        model.fit((x - mean) / scale, y)
-        self.location_ = mean
-        self.direction_ = -model.coef_[0] / scale
-        self.intercept_ = -float(model.intercept_[0])
+        self._fit_logit(x, y, sign=-1.0)
         self.n_excluded_ = int(positive_u.sum())
 
 
