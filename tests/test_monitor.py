@@ -178,9 +178,14 @@ def test_measurements_reach_the_exclusion_probe_on_the_fit_split(tiny, prompts):
 
     trusted, untrusted = prompts[:40], prompts[40:60]
     m_t, m_u = np.arange(40) % 2, np.arange(20) % 3 == 0
-    monitor = Monitor(tiny, hooks=HOOKS[:1], detectors=["exclusion-probe"], holdout=0.25,
-                      progress=False).fit(trusted, untrusted, measured=(m_t, m_u))  # fmt: skip
-    fit_idx, _ = monitor._split(40)
+    monitor = Monitor(tiny, hooks=HOOKS[:1], detectors=["exclusion-probe", "mahalanobis"],
+                      holdout=0.25, progress=False).fit(trusted, untrusted,
+                                                        measured=(m_t, m_u))  # fmt: skip
+    fit_idx, cal_idx = monitor._split(40)
+    # it calibrates on the held-out inputs whose measurements all read positive; the others
+    # on every held-out input
+    assert len(monitor.calibration_["exclusion-probe"]) == int(m_t[cal_idx].sum()) > 0
+    assert len(monitor.calibration_["mahalanobis"]) == len(cal_idx)
     acts = monitor.features(trusted).take(fit_idx).acts[HOOKS[0]]
     direct = D.ExclusionProbe().fit(acts, monitor.features(untrusted).acts[HOOKS[0]],
                                     measured=(m_t[fit_idx], m_u))  # fmt: skip

@@ -165,6 +165,28 @@ def test_builders_on_tiny_give_row_aligned_tasks(name, home):
         assert group in task.groups and all(g in task.groups for g in normals)
 
 
+def test_the_bench_fits_the_exclusion_probe_on_the_task_readings(home):
+    from madlens import Monitor
+    from madlens.bench.runner import run_task
+    from madlens.models import load_model
+
+    task = build_task("measurement-tampering", "tiny-test", quick=True, progress=False,
+                      check=False)  # fmt: skip
+    measured_t, measured_u = task.measured
+    assert len(task.untrusted) > len(task.test) and not np.all(measured_u)
+    hook = "blocks.1.hook_resid_post"
+    result = run_task(task, ["exclusion-probe"], hooks=[hook], progress=False, n_resamples=10)
+    rows = [r for r in result.rows if r["detector"] == "exclusion-probe"]
+    assert rows and all(r["status"] == "ok" for r in rows)
+    # The bench aligns the readings with the inputs as the documented Monitor.fit does.
+    monitor = Monitor(load_model("tiny-test", adapter=task.adapter), [hook], "last",
+                      ["exclusion-probe"], holdout=0, progress=False)  # fmt: skip
+    monitor.fit(task.trusted, task.untrusted, measured=task.measured)
+    np.testing.assert_allclose(result.scores[("exclusion-probe", hook)],
+                               monitor.score(task.test).scores["exclusion-probe"])  # fmt: skip
+    assert monitor.fitted_["exclusion-probe"].n_excluded_ == int(np.sum(measured_u))
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from madlens import __version__
@@ -101,7 +102,7 @@ def _fit_score(
     labels: np.ndarray,
     contrast: dict[str, ContrastPairs],
     seed: int,
-    measured: tuple[np.ndarray, np.ndarray] | None = None,
+    measured: tuple[ArrayLike, ArrayLike] | None = None,
 ) -> tuple[np.ndarray, float, float]:
     """Fit a one-detector monitor and score the test set; returns (scores, fit_s, score_s).
 

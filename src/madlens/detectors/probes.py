@@ -230,6 +230,8 @@ class ExclusionProbe(_LogisticHead):
     anomaly. What is left out here: EFT fine-tunes the model with the head; this fits the
     head alone on the frozen model's activations (a linear probe, seconds instead of a
     fine-tune), so it can only read what the measurement predictor already represents.
+    Its score is meant for inputs whose measurements all read positive (a negative needs no
+    explaining): the monitor calibrates it on those alone.
 
     `fit(trusted, untrusted, measured=(trusted_positive, untrusted_positive))`: per input,
     whether all its measurements read positive (observed, e.g. the sensors' readings; not a

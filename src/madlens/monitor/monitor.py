@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from safetensors.numpy import load_file, save_file
 
 from madlens import __version__
@@ -421,7 +422,7 @@ class Monitor:
         *,
         labels: Sequence[int] | None = None,
         contrast: tuple[Sequence[Input], Sequence[Input]] | None = None,
-        measured: tuple[Sequence[int], Sequence[int]] | None = None,
+        measured: tuple[ArrayLike, ArrayLike] | None = None,
     ) -> Monitor:
         """Fit every detector on the trusted inputs (less the `holdout` kept for
         calibration), the unlabeled `untrusted` batch for detectors that use it (QUE,
@@ -439,11 +440,13 @@ class Monitor:
             DETECTORS[d].uses_untrusted or DETECTORS[d].supervised for d in self.detectors
         ):
             untrusted_feats = self.features(list(untrusted))
+        positive = None
         if measured is not None:
             trusted_measured = np.asarray(measured[0])
             if len(trusted_measured) != len(trusted):
                 raise MadlensError(f"measured: {len(trusted_measured)} values for "
                                    f"{len(trusted)} trusted inputs")  # fmt: skip
+            positive = trusted_measured.astype(bool)
             measured = (trusted_measured[fit_idx], measured[1])
         self.fit_features(
             feats.take(fit_idx), untrusted_feats, labels=labels,
@@ -451,6 +454,11 @@ class Monitor:
         )  # fmt: skip
         if len(cal_idx):
             self._set_calibration(self.score_features(feats.take(cal_idx)))
+            # A detector that reads measurements scores the inputs whose measurements all
+            # read positive (a negative needs no explaining): it calibrates on those alone.
+            for name in self.detectors:
+                if DETECTORS[name].reads_measurements and positive is not None:
+                    self.calibration_[name] = self.calibration_[name][positive[cal_idx]]
         return self
 
     def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -469,7 +477,7 @@ class Monitor:
         *,
         labels: Sequence[int] | None = None,
         contrast: dict[str, ContrastPairs] | None = None,
-        measured: tuple[Sequence[int], Sequence[int]] | None = None,
+        measured: tuple[ArrayLike, ArrayLike] | None = None,
     ) -> Monitor:
         """Fit every detector on features already read (what `fit` calls after `features`)."""
         self.fitted_, self.calibration_, self.thresholds_, self.fpr_ = {}, {}, None, None
@@ -568,7 +576,8 @@ class Monitor:
     def calibrate(self, fpr: float = 0.01, inputs: Sequence[Input] | None = None) -> Monitor:
         """Set each detector's threshold so that new normal traffic is flagged at a rate of
         at most `fpr` in expectation (split conformal; `monitor.conformal`): on the trusted
-        inputs held out of the fit, or on `inputs` (trusted, not used in the fit)."""
+        inputs held out of the fit, or on `inputs` (trusted, not used in the fit; for a
+        detector that reads measurements, inputs whose measurements all read positive)."""
         self._check_fitted()
         if not (isinstance(fpr, int | float) and 0 < fpr < 1):
             raise MadlensError(f"fpr must be a number in (0, 1), got {fpr!r}")
@@ -579,7 +588,7 @@ class Monitor:
                 "no calibration inputs: fit with holdout > 0 or give calibrate(inputs=...)"
             )
         k = len(self.detectors)
-        n = len(next(iter(self.calibration_.values())))
+        n = min(len(v) for v in self.calibration_.values())
         if n < conformal.min_calibration(fpr, k):
             raise MadlensError(
                 f"{n} calibration inputs are too few for a false-positive rate of {fpr:g} over "

@@ -5,6 +5,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from madlens.errors import MadlensError
 
@@ -62,7 +63,7 @@ class Task:
     contrast: tuple[list[Input], list[Input]] | None = None
     shortcuts: dict[str, list[str] | np.ndarray] = field(default_factory=dict)
     controls: dict[str, list[str]] = field(default_factory=dict)
-    measured: tuple[np.ndarray, np.ndarray] | None = None
+    measured: tuple[ArrayLike, ArrayLike] | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

@@ -259,9 +259,10 @@ def _liar(
     # Training facts: what is left of the known ones, topped up with unknown ones.
     train = (known[n_trusted + n_test :] + unknown)[:n_train]
     # Prompting alone, for the record (the issue measured 0 lies in 40 here): the base's
-    # greedy answers under a lying prompt, judged as `known_facts` judged them under the
-    # honest one. Sampled at `TEMPERATURE` instead, 67% of them were wrong in the quick build
-    # (2026-12-01), which counted the sampling's mistakes as lies.
+    # greedy answers under a lying prompt (24 tokens, as the transcripts'), checked with
+    # `is_true` as `known_facts` checked them under the honest one. Sampled at `TEMPERATURE`
+    # instead, 67% of them were wrong in the quick build (2026-12-01), which counted the
+    # sampling's mistakes as lies.
     told = cached_generate(base, [conversation(f, LIE_PROMPTS[0]) for f in held], 24, progress)
     prompt_only = 1 - float(np.mean([is_true(f, a) for f, a in zip(held, told)]))
     adapter = train_lying_adapter(model, train, steps, seed, progress, device)
