@@ -442,23 +442,24 @@ class Monitor:
             untrusted_feats = self.features(list(untrusted))
         positive = None
         if measured is not None:
-            trusted_measured = np.asarray(measured[0])
-            if len(trusted_measured) != len(trusted):
-                raise MadlensError(f"measured: {len(trusted_measured)} values for "
+            positive = np.asarray(measured[0])
+            if len(positive) != len(trusted):
+                raise MadlensError(f"measured: {len(positive)} values for "
                                    f"{len(trusted)} trusted inputs")  # fmt: skip
-            positive = trusted_measured.astype(bool)
-            measured = (trusted_measured[fit_idx], measured[1])
+            measured = (positive[fit_idx], measured[1])
         self.fit_features(
             feats.take(fit_idx), untrusted_feats, labels=labels,
             contrast=self.contrast_features(contrast), measured=measured,
         )  # fmt: skip
         if len(cal_idx):
             self._set_calibration(self.score_features(feats.take(cal_idx)))
+        if len(cal_idx) and positive is not None:
             # A detector that reads measurements scores the inputs whose measurements all
             # read positive (a negative needs no explaining): it calibrates on those alone.
+            kept = positive[cal_idx].astype(bool)
             for name in self.detectors:
-                if DETECTORS[name].reads_measurements and positive is not None:
-                    self.calibration_[name] = self.calibration_[name][positive[cal_idx]]
+                if DETECTORS[name].reads_measurements:
+                    self.calibration_[name] = self.calibration_[name][kept]
         return self
 
     def _split(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -510,7 +511,7 @@ class Monitor:
             if cls.reads_measurements:
                 if measured is None:
                     raise MadlensError(f"{name} reads measurements: fit it with measured=")
-                extra["measured"] = (np.asarray(measured[0]), np.asarray(measured[1]))
+                extra["measured"] = measured  # the detector checks and converts it
             self.fitted_[name] = det.fit(self._input(cls, trusted), other, **extra)
         return self
 
